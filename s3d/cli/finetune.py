@@ -1,0 +1,82 @@
+"""`s3d finetune`: thin wrapper over s3d.train.finetune.finetune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from s3d.cli.options import device_option, patch_size_option, resume_option, seed_option, steps_option
+
+
+@click.command()
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--arch", default="resenc-s", show_default=True,
+              help="Network preset (resenc-s, resenc-m, resenc-l); stages/strides are planned from the "
+                   "patch size and spacing. Ignored with --weights (the weights fix the network).")
+@patch_size_option(None, "Default: the median preprocessed image shape (capped at 128), made divisible "
+                         "by the network's total stride.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True, help="Patches per step.")
+@steps_option
+@click.option("--val-every", type=click.IntRange(min=0), default=250, show_default=True,
+              help="Validate (sliding-window Dice on the validation cases) every N steps; 0: only at the end.")
+@click.option("--fold", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Validation fold of a fixed 5-fold split of the labeled cases.")
+@click.option("--val-fraction", type=float, default=None,
+              help="Instead of folds: hold out this fraction (0-1) of the labeled cases for validation.")
+@click.option("--train-cases", type=click.IntRange(min=1), default=None,
+              help="Use only N of the training cases (low-data regime; nested: 5 of them are in any 10).")
+@seed_option
+@device_option
+@resume_option
+@click.option("--weights", default=None,
+              help="Pre-trained encoder: a registry name (see `s3d weights list`), a Hub repo owner/name[@rev], "
+                   "or a local folder/file. Enables the S3D recipe: decoder warm-up, full warm-up, peak LR 1e-3.")
+@click.option("--from-scratch", is_flag=True,
+              help="Random initialisation (the baseline); with --weights, keep that network's config but not "
+                   "its values.")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate. Default: 1e-2 from scratch, 1e-3 with --weights (S3D paper).")
+@click.option("--warmup-steps", nargs=2, type=click.IntRange(min=1), default=None,
+              help="With --weights: steps of decoder-only warm-up and of whole-network warm-up "
+                   "(default: 5%% and 5%% of --steps).")
+@click.option("--spacing", nargs=3, type=float, default=None,
+              help="Target spacing in mm (X Y Z) when preprocessing a raw dataset. Default: the dataset median, "
+                   "or the pre-training spacing with --weights (1 1 1 for S3D/OpenMind).")
+@click.option("--no-deep-supervision", is_flag=True, help="Train on the full-resolution output only.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True,
+              help="Save weights and the resumable state every N steps.")
+@click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Mixed precision: auto uses bf16 autocast on CUDA and full precision on CPU.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Processes for preprocessing a raw dataset.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where preprocessed raw datasets are cached. Default: $S3D_CACHE/preprocessed or "
+                   "~/.cache/s3d/preprocessed.")
+def finetune(dataset: Path, output: Path, arch: str, patch_size, batch_size: int, steps: int, val_every: int,
+             fold: int, val_fraction, train_cases, seed: int, device: str, resume: bool, weights, from_scratch: bool,
+             lr, warmup_steps, spacing, no_deep_supervision: bool, checkpoint_every: int, amp: str, jobs: int,
+             cache_dir) -> None:
+    """Train a segmentation network on DATASET and write it to OUTPUT.
+
+    DATASET is an nnU-Net raw dataset folder (dataset.json, imagesTr/, labelsTr/), preprocessed on the
+    fly into a cache, or the output of `s3d preprocess`. OUTPUT receives model.safetensors and
+    config.json (all that `s3d predict` needs), the resumable state, log.csv and validation.jsonl.
+    """
+    from s3d.train.finetune import FinetuneConfig
+    from s3d.train.finetune import finetune as run
+
+    if from_scratch and not weights:
+        weights_spec = None
+    else:
+        weights_spec = weights
+    cfg = FinetuneConfig(
+        arch=arch, patch_size=tuple(patch_size) if patch_size else None, batch_size=batch_size, steps=steps,
+        val_every=val_every, fold=fold, val_fraction=val_fraction, train_cases=train_cases, seed=seed,
+        lr=lr, warmup_steps=tuple(warmup_steps) if warmup_steps else None, weights=weights_spec,
+        deep_supervision=not no_deep_supervision, spacing=tuple(spacing) if spacing else None, device=device,
+        amp=amp, checkpoint_every=checkpoint_every, extra={"from_scratch": from_scratch},
+    )
+    out = run(dataset, output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir)
+    click.echo(f"model written to {out} (predict with: s3d predict -i IMAGES -o OUT -m {out})")

@@ -1,0 +1,32 @@
+"""Options shared by several commands, so their names, defaults and help read the same everywhere."""
+
+from __future__ import annotations
+
+import click
+
+device_option = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where to compute: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
+)
+seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Random seed (sampling, init).")
+resume_option = click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in OUTPUT from its last checkpoint (same settings as when it started).",
+)
+steps_option = click.option(
+    "--steps", type=click.IntRange(min=1), default=1000, show_default=True, help="Total optimizer steps."
+)
+
+
+def patch_size_option(default: tuple[int, int, int] | None, extra: str = "") -> click.decorators.FC:
+    return click.option(
+        "--patch-size",
+        nargs=3,
+        type=click.IntRange(min=8),
+        default=default,
+        show_default=default is not None,
+        help=f"Training patch size in voxels (X Y Z). {extra}".strip(),
+    )

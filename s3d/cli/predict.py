@@ -1,0 +1,39 @@
+"""`s3d predict`: thin wrapper over s3d.predict.predict_folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from s3d.cli.options import device_option
+
+
+@click.command()
+@click.option("-i", "--input", "input_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of images: plain files (one channel each) or nnU-Net CASE_0000 channel files. "
+                   "Never modified.")
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for CASE.nii.gz segmentations, written on exactly each input's grid and header.")
+@click.option("-m", "--model", required=True,
+              help="A run folder of `s3d finetune` (model.safetensors + config.json) or a segmentation "
+                   "weights name/Hub id.")
+@click.option("--step-size", type=click.FloatRange(0.05, 1.0), default=0.5, show_default=True,
+              help="Sliding-window step as a fraction of the patch size (smaller: more overlap, slower).")
+@click.option("--no-tta", is_flag=True, help="Disable mirroring test-time augmentation (8x faster, slightly worse).")
+@click.option("--save-probabilities", is_flag=True,
+              help="Also write CASE_probNN files: per-class softmax probabilities on the input grid (float32).")
+@click.option("--continue", "continue_", is_flag=True, help="Skip cases whose output already exists.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Sliding windows per network forward.")
+@device_option
+def predict(input_dir: Path, output_dir: Path, model: str, step_size: float, no_tta: bool,
+            save_probabilities: bool, continue_: bool, batch_size: int, device: str) -> None:
+    """Segment every image in INPUT with MODEL; write OUTPUT/CASE.nii.gz on the input's grid."""
+    from s3d.predict import predict_folder
+
+    written = predict_folder(input_dir, output_dir, model, step_size=step_size, tta=not no_tta,
+                             save_probabilities=save_probabilities, continue_=continue_, device=device,
+                             batch_size=batch_size)
+    click.echo(f"{len(written)} segmentations in {output_dir}")

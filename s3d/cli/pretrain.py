@@ -1,0 +1,87 @@
+"""`s3d pretrain`: thin wrapper over s3d.train.pretrain.pretrain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from s3d.cli.options import device_option, patch_size_option, resume_option, seed_option, steps_option
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(["mae", "simtrot", "btrot"]), default="mae", show_default=True,
+              help="mae: S3D sparse masked autoencoder; simtrot: token contrastive (SimCLR) with rotate-and-restore; "
+                   "btrot: its BYOL variant.")
+@click.option("--arch", default="resenc-l", show_default=True,
+              help="Encoder preset: resenc-l (the S3D paper's network), resenc-m, resenc-s (CPU-sized).")
+@patch_size_option((160, 160, 160), "S3D uses 160^3 at 1 mm; try 64 64 64 on a CPU.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Patches per step (simtrot needs >= 2).")
+@steps_option
+@click.option("--lr", type=float, default=1e-2, show_default=True,
+              help="Peak learning rate (SGD, Nesterov momentum 0.99, weight decay 3e-5, PolyLR; S3D defaults).")
+@click.option("--spacing", nargs=3, type=float, default=(1.0, 1.0, 1.0), show_default=True,
+              help="Voxel spacing in mm that raw image folders are resampled to (S3D: 1 1 1).")
+@click.option("--mask-ratio", default="0.75", show_default=True,
+              help="mae: fraction of masked blocks, fixed (0.75) or dynamic per sample (0.6-0.9, the S3D setting). "
+                   "simtrot/btrot: fraction of masked cells in view A (fixed).")
+@click.option("--mask-block", nargs=3, type=click.IntRange(min=1), default=None,
+              help="mae: masked cube edge in voxels (X Y Z). Default: patch / bottleneck size, i.e. 32 for "
+                   "160^3 with resenc-l (S3D); must be a multiple of the network's total stride.")
+@click.option("--temperature", type=float, default=0.5, show_default=True, help="simtrot: softmax temperature tau.")
+@click.option("--same-position-weight", type=float, default=5.0, show_default=True,
+              help="simtrot: weight w on same-position tokens of other volumes in the denominator (1 = plain NT-Xent).")
+@click.option("--token-stage", type=int, default=-1, show_default=True,
+              help="simtrot/btrot: encoder stage whose feature-map voxels are the tokens (-1: bottleneck).")
+@click.option("--ema-decay", type=float, default=0.99, show_default=True, help="btrot: EMA decay of the target.")
+@click.option("--no-augment", is_flag=True,
+              help="Disable the minor spatial augmentation (scaling, rotation, mirroring) that is on by default.")
+@seed_option
+@device_option
+@resume_option
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True,
+              help="Save weights, state and a preview PNG (input, masked input, reconstruction) every N steps.")
+@click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Mixed precision: auto uses bf16 autocast on CUDA and full precision on CPU.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Processes for preprocessing raw image folders.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where preprocessed folders are cached (default: $S3D_CACHE/preprocessed or ~/.cache/s3d/...).")
+def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_size: int, steps: int, lr: float,
+             spacing, mask_ratio: str, mask_block, temperature: float, same_position_weight: float,
+             token_stage: int, ema_decay: float, no_augment: bool, seed: int, device: str, resume: bool,
+             checkpoint_every: int, amp: str, jobs: int, cache_dir) -> None:
+    """Pre-train an encoder without labels: s3d pretrain DATA... OUTPUT.
+
+    DATA: one or more folders of images (raw NIfTI/NRRD/MHA folders, nnU-Net imagesTr folders or
+    `s3d preprocess` outputs); labels are not needed and each channel is a separate sample. OUTPUT
+    receives model.safetensors (encoder.* keys) + config.json, which `s3d finetune --weights OUTPUT`
+    accepts. Multi-GPU / multi-node: `torchrun --nproc-per-node N -m s3d pretrain ...`.
+    """
+    from s3d.errors import S3DError
+    from s3d.train.pretrain import PretrainConfig
+    from s3d.train.pretrain import pretrain as run
+
+    if len(paths) < 2:
+        raise S3DError("give at least one DATA folder and the OUTPUT folder")
+    *data, output = paths
+    for d in data:
+        if not d.is_dir():
+            raise S3DError(f"{d}: not a folder")
+    if method != "mae":
+        try:
+            float(mask_ratio)
+        except ValueError:
+            raise S3DError(f"--mask-ratio {mask_ratio}: {method} takes a fixed ratio such as 0.75") from None
+    cfg = PretrainConfig(
+        method=method, arch=arch, patch_size=tuple(patch_size), batch_size=batch_size, steps=steps, lr=lr,
+        spacing=tuple(spacing), seed=seed, device=device, amp=amp, checkpoint_every=checkpoint_every,
+        preview_every=checkpoint_every, augment=not no_augment, mask_ratio=mask_ratio,
+        mask_block=tuple(mask_block) if mask_block else None, temperature=temperature,
+        same_position_weight=same_position_weight, token_stage=token_stage,
+        view_mask_ratio=float(mask_ratio) if method != "mae" else 0.75, ema_decay=ema_decay,
+    )
+    out = run(data, output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir)
+    click.echo(f"pre-trained weights in {out} (fine-tune with: s3d finetune DATASET RUN --weights {out})")

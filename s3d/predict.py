@@ -1,0 +1,163 @@
+"""Segment a folder of images with a trained model, writing each result on its input's exact grid.
+
+Per case: read channels -> the model's Plan forward (crop, normalise, resample) -> sliding window
+with Gaussian weighting and mirroring TTA -> the Plan backward (resample probabilities to the
+cropped grid, paste into the full grid, argmax) -> write with the input's header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from s3d.errors import S3DError
+
+
+@dataclass
+class Predictor:
+    network: torch.nn.Module
+    config: dict
+    device: torch.device
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return tuple(self.config["patch_size"])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.config["network"]["in_channels"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["network"]["num_classes"])
+
+
+def load_predictor(model: str | Path, device: str = "auto") -> Predictor:
+    """A segmentation model from a run folder (model.safetensors + config.json) or a weights name."""
+    from s3d.checkpoint import load_model
+    from s3d.nn.resenc import ResEncConfig, ResEncUNet
+    from s3d.train.loop import resolve_device
+
+    path = Path(model)
+    if path.is_dir():
+        state, config = load_model(path)
+    else:
+        from s3d.hub import resolve_weights
+
+        resolved = resolve_weights(str(model))
+        state, config = resolved.state_dict, resolved.config
+    if config.get("kind") != "segmentation":
+        raise S3DError(
+            f"{model}: holds {config.get('kind', 'unknown')} weights, not a segmentation model "
+            "(fine-tune it first with `s3d finetune DATASET OUT --weights ...`)"
+        )
+    net_cfg = ResEncConfig.from_dict(config["network"])
+    net_cfg.deep_supervision = False  # inference needs the full-resolution output only
+    network = ResEncUNet(net_cfg)
+    network.load_state_dict(state)
+    dev = resolve_device(device)
+    network.to(dev).eval()
+    return Predictor(network, config, dev)
+
+
+def predict_case(
+    predictor: Predictor,
+    images: np.ndarray,
+    geometry,  # noqa: ANN001 - s3d.data.io.Geometry
+    *,
+    step_size: float = 0.5,
+    tta: bool = True,
+    batch_size: int = 2,
+    return_probabilities: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """images (C,i,j,k) on their original grid -> (segmentation (i,j,k) uint8/uint16, probabilities
+    (K,i,j,k) float32 or None), both on the original grid."""
+    from s3d.data.preprocess import Plan, preprocess_case, restore_probabilities
+    from s3d.infer import sliding_window_predict
+
+    plan = Plan.from_dict(predictor.config["plan"])
+    data, _, props = preprocess_case(images, geometry, plan)
+    logits = sliding_window_predict(
+        predictor.network,
+        torch.from_numpy(np.ascontiguousarray(data)),
+        predictor.patch_size,
+        predictor.num_classes,
+        step_size=step_size,
+        mirror_axes=(0, 1, 2) if tta else None,
+        batch_size=batch_size,
+        device=predictor.device,
+    )
+    probs = torch.softmax(logits.float(), 0)
+    full = restore_probabilities(probs, props)
+    full = np.asarray(full)
+    seg = full.argmax(0)
+    seg = seg.astype(np.uint8 if predictor.num_classes <= 256 else np.uint16)
+    return seg, (full.astype(np.float32) if return_probabilities else None)
+
+
+def predict_folder(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    model: str | Path,
+    *,
+    step_size: float = 0.5,
+    tta: bool = True,
+    save_probabilities: bool = False,
+    continue_: bool = False,
+    device: str = "auto",
+    batch_size: int = 2,
+) -> list[Path]:
+    """Predict every case of `input_dir` into `output_dir/CASE<ending>`; returns the written files.
+
+    A case that cannot be read (corrupt, not 3-D, wrong grid between channels) is reported on one
+    line and skipped; the other cases are still predicted, and the call then fails naming how many
+    cases were bad, so a script notices.
+    """
+    from s3d.data.dataset import find_images
+    from s3d.data.io import read_channels, write_image, write_segmentation
+
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if output_dir.resolve() == input_dir.resolve():
+        raise S3DError(f"{output_dir}: output folder must differ from the input folder")
+    predictor = load_predictor(model, device)
+    cases = find_images(input_dir, num_channels=predictor.num_channels)
+    if not cases:
+        raise S3DError(f"{input_dir}: no images found")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written, failed = [], []
+    for case in tqdm(cases, desc="predict", unit="case"):
+        ending = _ending(case.images[0])
+        out = output_dir / f"{case.case_id}{ending}"
+        if continue_ and out.exists():
+            written.append(out)
+            continue
+        try:
+            images, geometry = read_channels(case.images)
+        except S3DError as e:
+            tqdm.write(f"s3d: error: {e}")
+            failed.append(case.case_id)
+            continue
+        seg, probs = predict_case(predictor, images, geometry, step_size=step_size, tta=tta,
+                                  batch_size=batch_size, return_probabilities=save_probabilities)
+        if probs is not None:
+            # one file per class keeps every file on the input's 3-D grid and header
+            for k in range(probs.shape[0]):
+                write_image(probs[k], geometry, output_dir / f"{case.case_id}_prob{k:02d}{ending}")
+        write_segmentation(seg, geometry, out)
+        written.append(out)
+    if failed:
+        raise S3DError(f"{len(failed)} of {len(cases)} cases could not be predicted ({', '.join(failed[:5])}"
+                       f"{', ...' if len(failed) > 5 else ''}); see the messages above")
+    return written
+
+
+def _ending(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr"):
+        if name.endswith(suffix):
+            return ".nii.gz" if suffix in (".mhd", ".nhdr") else suffix
+    return ".nii.gz"

@@ -1,0 +1,317 @@
+"""Self-supervised pre-training objectives behind `s3d pretrain --method`.
+
+Each method is an objective module (`forward(batch) -> (loss, logs)`) run by the one training loop:
+- `mae`: S3D / Spark3D (Wald et al. 2024, Sec. 4): sparse ResEnc encoder on a block-masked input,
+  mask tokens + densification, ResEnc decoder, L2 on masked voxels only.
+- `simtrot`: SimTROT (Hu et al., Sec. 3.2-3.3): token-level NT-Xent between a masked view and a
+  rotated view whose feature map is restored, same-position tokens of other volumes weighted by w.
+- `btrot`: the BYOL variant: online encoder + projector + predictor, EMA target, rotate-and-restore.
+Every method's encoder is the segmentation network's `encoder.*`, so `s3d finetune --weights RUN`
+transfers it by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from s3d import __version__
+from s3d.checkpoint import read_json, save_model, write_json
+from s3d.errors import S3DError
+from s3d.train.loop import TrainConfig, train
+
+METHODS = ("mae", "simtrot", "btrot")
+
+
+@dataclass
+class PretrainConfig:
+    method: str = "mae"
+    arch: str = "resenc-l"
+    patch_size: tuple[int, int, int] = (160, 160, 160)  # S3D paper: 160^3 at 1 mm
+    batch_size: int = 2
+    steps: int = 1000
+    lr: float = 1e-2  # S3D: SGD, lr 1e-2, Nesterov 0.99, wd 3e-5, PolyLR
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # S3D pre-training spacing
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    checkpoint_every: int = 250
+    preview_every: int = 250
+    augment: bool = True
+    # mae
+    mask_ratio: str = "0.75"  # "0.75" or a dynamic range "0.6-0.9" (S3D)
+    mask_block: tuple[int, int, int] | None = None  # None: patch / bottleneck (32 for 160^3, S3D)
+    # simtrot / btrot
+    temperature: float = 0.5  # SimTROT tau
+    same_position_weight: float = 5.0  # SimTROT w
+    token_stage: int = -1  # encoder stage whose voxels are the tokens; -1 = bottleneck
+    view_mask_ratio: float = 0.75  # SimTROT masking of view A
+    ema_decay: float = 0.99  # BYOL target
+    proj_dim: int = 128
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+class MAEObjective(nn.Module):
+    """S3D masked image modelling. forward({"image": (B,1,X,Y,Z)}) -> (masked L2, logs)."""
+
+    def __init__(self, net_cfg, patch_size, mask_ratio, block_size, augmenter=None) -> None:  # noqa: ANN001
+        super().__init__()
+        from s3d.nn.mae import MAEModel, MaskedMSELoss
+
+        self.model = MAEModel(net_cfg)
+        self.loss = MaskedMSELoss()
+        self.patch_size = tuple(patch_size)
+        self.mask_ratio = mask_ratio
+        self.block_size = tuple(block_size)
+        self.augmenter = augmenter
+        self.last: dict[str, torch.Tensor] = {}
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        from s3d.nn.masking import random_block_mask
+
+        x = batch["image"]
+        if self.augmenter is not None:
+            with torch.no_grad():
+                x, _ = self.augmenter(x)
+        mask = random_block_mask(x.shape[0], self.patch_size, self.block_size, self.mask_ratio, device=x.device)
+        recon = self.model(x, mask)
+        loss = self.loss(recon, x, mask)
+        self.last = {"image": x[:1].detach(), "mask": mask[:1].detach(), "recon": recon[:1].detach()}
+        return loss, {"visible": float(mask.mean())}
+
+    def preview(self) -> list[np.ndarray] | None:
+        if not self.last:
+            return None
+        x, m, r = (self.last[k][0, 0].float().cpu().numpy() for k in ("image", "mask", "recon"))
+        return [x, x * m, r, np.where(m > 0, x, r)]
+
+
+class _TokenObjective(nn.Module):
+    """Shared by SimTROT and B-TROT: views, encoder, token stage, collapse monitor."""
+
+    def __init__(self, net_cfg, patch_size, cfg: PretrainConfig, augmenter=None) -> None:  # noqa: ANN001
+        super().__init__()
+        from s3d.nn.resenc import ResEncEncoder
+
+        if len(set(patch_size)) != 1:
+            raise S3DError(f"--patch-size {patch_size}: {cfg.method} rotates views by 90 degrees, so the patch "
+                           "must be cubic (e.g. 64 64 64)")
+        self.encoder = ResEncEncoder(net_cfg)
+        n_stages = len(net_cfg.features)
+        self.stage = cfg.token_stage % n_stages
+        self.channels = net_cfg.features[self.stage]
+        total_stride = np.prod([np.array(s) for s in net_cfg.strides[: self.stage + 1]], axis=0)
+        # masking cells half a token wide: a token's receptive field always keeps visible voxels
+        self.view_mask_patch = tuple(int(max(1, s // 2)) for s in total_stride)
+        self.cfg = cfg
+        self.augmenter = augmenter
+        self.last: dict[str, torch.Tensor] = {}
+
+    def views(self, x: torch.Tensor) -> dict:
+        from s3d.data.views import TextureAugConfig, make_views
+
+        if self.augmenter is not None:
+            with torch.no_grad():
+                x, _ = self.augmenter(x)
+        with torch.no_grad():
+            v = make_views(x, TextureAugConfig(), mask_ratio=self.cfg.view_mask_ratio,
+                           mask_patch=self.view_mask_patch)
+        self.last = {"image": x[:1].detach(), "view_a": v["view_a"][:1].detach(), "view_b": v["view_b"][:1].detach()}
+        return v
+
+    def tokens(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return encoder(x)[self.stage]
+
+    def preview(self) -> list[np.ndarray] | None:
+        if not self.last:
+            return None
+        return [self.last[k][0, 0].float().cpu().numpy() for k in ("image", "view_a", "view_b")]
+
+
+class SimTROTObjective(_TokenObjective):
+    """forward({"image": (B,1,X,Y,Z)}) -> (weighted token NT-Xent, logs incl. collapse monitor)."""
+
+    def __init__(self, net_cfg, patch_size, cfg: PretrainConfig, augmenter=None) -> None:  # noqa: ANN001
+        super().__init__(net_cfg, patch_size, cfg, augmenter)
+        from s3d.nn.contrastive import ProjectionHead, TokenContrastiveLoss
+
+        self.head = ProjectionHead(self.channels, out_channels=cfg.proj_dim)
+        self.loss = TokenContrastiveLoss(cfg.temperature, cfg.same_position_weight)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        from s3d.nn.contrastive import collapse_stats, restore_batch
+
+        x = batch["image"]
+        if x.shape[0] < 2 and self.cfg.same_position_weight != 1:
+            raise S3DError("--batch-size must be >= 2 for simtrot: the same-position weight w compares "
+                           "tokens of different volumes in a batch")
+        v = self.views(x)
+        za = self.head(self.tokens(self.encoder, v["view_a"]))
+        zb = self.head(restore_batch(self.tokens(self.encoder, v["view_b"]), v["ops"]))
+        loss = self.loss(za, zb)
+        return loss, {k: float(val) for k, val in collapse_stats(za.detach()).items()}
+
+
+class BTROTObjective(_TokenObjective):
+    """BYOL with rotate-and-restore: symmetrised normalised MSE between the online prediction of one
+    view and the EMA target projection of the other."""
+
+    def __init__(self, net_cfg, patch_size, cfg: PretrainConfig, augmenter=None) -> None:  # noqa: ANN001
+        super().__init__(net_cfg, patch_size, cfg, augmenter)
+        from s3d.nn.contrastive import BYOLTokenLoss, PredictionHead, ProjectionHead
+
+        self.head = ProjectionHead(self.channels, out_channels=cfg.proj_dim)
+        self.predictor = PredictionHead(cfg.proj_dim, out_channels=cfg.proj_dim)
+        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.target_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.loss = BYOLTokenLoss()
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        from s3d.nn.contrastive import collapse_stats, restore_batch
+
+        v = self.views(batch["image"])
+        ops = v["ops"]
+        online_a = self.head(self.tokens(self.encoder, v["view_a"]))
+        online_b = self.head(restore_batch(self.tokens(self.encoder, v["view_b"]), ops))
+        with torch.no_grad():
+            target_a = self.target_head(self.tokens(self.target_encoder, v["view_a"]))
+            target_b = self.target_head(restore_batch(self.tokens(self.target_encoder, v["view_b"]), ops))
+        loss = 0.5 * (self.loss(self.predictor(online_a), target_b) + self.loss(self.predictor(online_b), target_a))
+        return loss, {k: float(val) for k, val in collapse_stats(online_a.detach()).items()}
+
+    def after_step(self, step: int) -> None:
+        from s3d.nn.contrastive import ema_update
+
+        ema_update(self.target_encoder, self.encoder, self.cfg.ema_decay)
+        ema_update(self.target_head, self.head, self.cfg.ema_decay)
+
+
+def network_config(cfg: PretrainConfig):  # noqa: ANN201 - ResEncConfig
+    """The paper's fixed ResEnc-L for `resenc-l` (S3D, Sec. 3); other presets are planned from the patch."""
+    from s3d.nn.resenc import PRESETS, plan_network
+
+    if cfg.arch not in PRESETS:
+        raise S3DError(f"--arch {cfg.arch}: unknown, choose one of {', '.join(PRESETS)}")
+    net = plan_network(cfg.patch_size, cfg.spacing, preset=cfg.arch, in_channels=1, num_classes=1)
+    net.deep_supervision = False
+    total = np.prod(np.array(net.strides), axis=0)
+    bad = [p for p, s in zip(cfg.patch_size, total, strict=True) if p % s]
+    if bad:
+        raise S3DError(f"--patch-size {cfg.patch_size}: must be divisible by the network's total stride "
+                       f"{tuple(int(s) for s in total)}")
+    return net
+
+
+def prepare_unlabeled(folders: list[Path], spacing, jobs: int = 1, cache_dir: Path | None = None) -> list:
+    """Preprocessed cases of every folder (raw image folders are preprocessed at `spacing` with
+    z-score normalisation into the cache and reused)."""
+    import hashlib
+
+    from s3d.data.dataset import find_dataset
+    from s3d.data.preprocess import load_preprocessed, plan_dataset, preprocess_dataset
+    from s3d.train.finetune import default_cache_dir
+
+    cases = []
+    for folder in folders:
+        folder = Path(folder)
+        if (folder / "plan.json").exists():
+            out = folder
+        else:
+            key = hashlib.sha1(f"{folder.resolve()}|{tuple(spacing)}|pretrain".encode()).hexdigest()[:10]
+            out = (cache_dir or default_cache_dir()) / f"{folder.name}_{key}"
+            if not (out / "plan.json").exists():
+                tqdm.write(f"preprocessing {folder} into {out}")
+                ds = find_dataset(folder)
+                plan, _ = plan_dataset(ds, spacing=tuple(spacing), norm="zscore")
+                preprocess_dataset(ds, out, plan, jobs=jobs)
+        _, found = load_preprocessed(out)
+        cases += found
+    if not cases:
+        raise S3DError("no images found in " + ", ".join(str(f) for f in folders))
+    return cases
+
+
+def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *, resume: bool = False,
+             jobs: int = 1, cache_dir: Path | None = None) -> Path:
+    """Pre-train an encoder with `cfg.method` on every image of `data` and write `output`
+    (model.safetensors with `encoder.*` keys + config.json, state, log.csv, preview PNGs)."""
+    from s3d.data.augment import Augmenter
+    from s3d.data.sampling import PatchDataset
+
+    if cfg.method not in METHODS:
+        raise S3DError(f"--method {cfg.method}: choose one of {', '.join(METHODS)}")
+    output = Path(output)
+    if resume and (output / "pretrain.json").exists():
+        saved = read_json(output / "pretrain.json")
+        cfg = PretrainConfig(**{**saved, "device": cfg.device,
+                                "patch_size": tuple(saved["patch_size"]), "spacing": tuple(saved["spacing"]),
+                                "mask_block": tuple(saved["mask_block"]) if saved.get("mask_block") else None})
+    net_cfg = network_config(cfg)
+    cases = pretrain_cases = prepare_unlabeled([Path(d) for d in data], cfg.spacing, jobs=jobs, cache_dir=cache_dir)
+    augmenter = Augmenter.for_pretraining(cfg.patch_size) if cfg.augment else None
+
+    torch.manual_seed(cfg.seed)
+    extra: dict = {}
+    if cfg.method == "mae":
+        from s3d.nn.masking import default_block_size, parse_mask_ratio
+
+        block = tuple(cfg.mask_block) if cfg.mask_block else default_block_size(cfg.patch_size, net_cfg)
+        ratio = parse_mask_ratio(cfg.mask_ratio)
+        objective: nn.Module = MAEObjective(net_cfg, cfg.patch_size, ratio, block, augmenter)
+        extra = {"mask_block": list(block), "mask_ratio": cfg.mask_ratio}
+    elif cfg.method == "simtrot":
+        if cfg.batch_size < 2:
+            raise S3DError("--batch-size must be >= 2 for simtrot: the same-position weight w compares tokens "
+                           "of different volumes in a batch")
+        objective = SimTROTObjective(net_cfg, cfg.patch_size, cfg, augmenter)
+    else:
+        objective = BTROTObjective(net_cfg, cfg.patch_size, cfg, augmenter)
+
+    run_config = {
+        "s3d_version": __version__,
+        "kind": "pretrain",
+        "method": cfg.method,
+        "network": net_cfg.to_dict(),
+        "plan": {"target_spacing": list(cfg.spacing), "normalization": ["zscore"]},
+        "patch_size": list(cfg.patch_size),
+        "pretrain": cfg.to_dict(),
+        "data": {"folders": [str(d) for d in data], "num_cases": len(pretrain_cases)},
+        **extra,
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "pretrain.json", cfg.to_dict())
+    train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, checkpoint_every=cfg.checkpoint_every, device=cfg.device,
+                            amp=cfg.amp, seed=cfg.seed)
+
+    def make_batches(start_step: int):
+        return iter(PatchDataset(cases, cfg.patch_size, cfg.batch_size, oversample_foreground=0.0,
+                                 seed=cfg.seed * 100003 + start_step, rank=int(os.environ.get("RANK", 0)),
+                                 world_size=int(os.environ.get("WORLD_SIZE", 1)), channels_as_samples=True))
+
+    def export(obj: nn.Module, step: int) -> None:
+        state = {k: v for k, v in obj.state_dict().items()
+                 if not k.startswith(("target_", "loss."))}
+        # The encoder under the segmentation network's names, whatever the method's module layout.
+        state = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
+        save_model(output, state, {**run_config, "step": step})
+        images = obj.preview()
+        if images is not None and (step % cfg.preview_every == 0 or step == cfg.steps):
+            from s3d.viz import panel, write_png
+
+            write_png(output / f"preview_step{step:07d}.png", panel(images))
+
+    train(objective, make_batches, train_cfg, output, export=export, resume=resume, desc=f"pretrain {cfg.method}")
+    return output

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `s3d` script: user errors become one line and exit code 2."""
     try:
         cli.main(args=argv, prog_name="s3d", standalone_mode=False)
+        _leave_process_group()
     except S3DError as e:
         UserError(str(e)).show()
         sys.exit(2)
@@ -76,6 +77,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group cleanly (only if torch was imported at all)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

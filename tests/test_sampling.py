@@ -1,0 +1,67 @@
+"""Patch sampling: shapes, padding, foreground oversampling on a real label, determinism, DDP ranks."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from s3d.data.sampling import PatchDataset, crop_patch, sample_patch
+
+
+class _Case:
+    def __init__(self, data, seg):
+        self.data, self.seg = data, seg
+        self.has_seg = seg is not None
+        self.class_locations = None
+
+    def load(self):
+        return self.data, self.seg
+
+
+def test_crop_patch_pads_outside_the_volume():
+    a = np.arange(4 * 5 * 6, dtype=np.float32).reshape(1, 4, 5, 6)
+    p = crop_patch(a, (-2, 1, 3), (6, 3, 5), fill=-1)
+    assert p.shape == (1, 6, 3, 5)
+    assert (p[:, :2] == -1).all() and (p[:, :, :, 3:] == -1).all()
+    assert np.array_equal(p[0, 2:6, :, :3], a[0, 0:4, 1:4, 3:6])
+
+
+@pytest.fixture(scope="module")
+def real_case(hippocampus_dir):
+    img = nib.load(hippocampus_dir / "imagesTr" / "hippocampus_001_0000.nii.gz").get_fdata(dtype=np.float32)
+    seg = np.asarray(nib.load(hippocampus_dir / "labelsTr" / "hippocampus_001.nii.gz").dataobj).astype(np.int16)
+    return _Case(((img - img.mean()) / img.std())[None], seg)
+
+
+def test_forced_foreground_patches_contain_foreground(real_case):
+    rng = np.random.default_rng(0)
+    patch = (16, 16, 16)  # small relative to the volume, so random patches often miss the hippocampus
+    for _ in range(50):
+        _, lab = sample_patch(real_case.data, real_case.seg, patch, rng, force_fg=True)
+        assert (lab > 0).any()
+    random_hits = np.mean([(sample_patch(real_case.data, real_case.seg, patch, rng)[1] > 0).any()
+                           for _ in range(200)])
+    assert random_hits < 1.0
+
+
+def test_batches_have_exact_shapes_oversampling_and_are_deterministic(real_case):
+    ds = PatchDataset([real_case], (48, 64, 48), batch_size=3, seed=5)  # larger than the volume: padded
+    b1 = next(iter(ds))
+    b2 = next(iter(PatchDataset([real_case], (48, 64, 48), batch_size=3, seed=5)))
+    assert b1["image"].shape == (3, 1, 48, 64, 48) and b1["seg"].shape == (3, 1, 48, 64, 48)
+    assert str(b1["seg"].dtype) == "torch.int64"
+    assert (b1["image"] == b2["image"]).all()
+    assert (b1["seg"][-1] > 0).any()  # the last third of the batch is forced to foreground
+    other_rank = next(iter(PatchDataset([real_case], (16, 16, 16), batch_size=3, seed=5, rank=1)))
+    same_rank = next(iter(PatchDataset([real_case], (16, 16, 16), batch_size=3, seed=5, rank=0)))
+    assert not (other_rank["image"] == same_rank["image"]).all()
+
+
+def test_channels_as_samples_gives_single_channel_unlabeled_batches():
+    data = np.stack([np.full((10, 10, 10), c, np.float32) for c in range(3)])
+    ds = PatchDataset([_Case(data, None)], (8, 8, 8), batch_size=12, channels_as_samples=True,
+                      oversample_foreground=0)
+    b = next(iter(ds))
+    assert b["image"].shape == (12, 1, 8, 8, 8) and "seg" not in b
+    assert set(np.unique(b["image"].numpy())) == {0.0, 1.0, 2.0}

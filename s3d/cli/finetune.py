@@ -67,16 +67,12 @@ def finetune(dataset: Path, output: Path, arch: str, patch_size, batch_size: int
     from s3d.train.finetune import FinetuneConfig
     from s3d.train.finetune import finetune as run
 
-    if from_scratch and not weights:
-        weights_spec = None
-    else:
-        weights_spec = weights
     cfg = FinetuneConfig(
         arch=arch, patch_size=tuple(patch_size) if patch_size else None, batch_size=batch_size, steps=steps,
         val_every=val_every, fold=fold, val_fraction=val_fraction, train_cases=train_cases, seed=seed,
-        lr=lr, warmup_steps=tuple(warmup_steps) if warmup_steps else None, weights=weights_spec,
+        lr=lr, warmup_steps=tuple(warmup_steps) if warmup_steps else None, weights=weights, from_scratch=from_scratch,
         deep_supervision=not no_deep_supervision, spacing=tuple(spacing) if spacing else None, device=device,
-        amp=amp, checkpoint_every=checkpoint_every, extra={"from_scratch": from_scratch},
+        amp=amp, checkpoint_every=checkpoint_every,
     )
     out = run(dataset, output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir)
     click.echo(f"model written to {out} (predict with: s3d predict -i IMAGES -o OUT -m {out})")

@@ -49,6 +49,7 @@ class FinetuneConfig:
     lr: float | None = None  # None: 1e-2 from scratch, 1e-3 with pre-trained weights (S3D)
     warmup_steps: tuple[int, int] | None = None  # (decoder-only, whole network); None: 5% + 5% of steps
     weights: str | None = None
+    from_scratch: bool = False  # with weights: their network config and spacing, random initialisation
     deep_supervision: bool = True
     oversample_foreground: float = 1 / 3
     spacing: tuple[float, float, float] | str | None = None  # None: median, or the weights' spacing
@@ -237,6 +238,8 @@ def finetune(dataset: str | Path, output: str | Path, cfg: FinetuneConfig, *, re
     torch.manual_seed(cfg.seed)
     network = ResEncUNet(net_cfg)
     transfer_report = None
+    if cfg.from_scratch:
+        pretrained_sd = None  # the baseline: same network and preprocessing as the weights, random init
     if pretrained_sd is not None:
         transfer_report = transfer_encoder(network, pretrained_sd)
         tqdm.write(

@@ -105,7 +105,8 @@ def main() -> None:
     weights = {}
     for method in args.methods:
         run = out / f"pretrain_{method}"
-        done = (run / "config.json").exists() and json.loads((run / "config.json").read_text())["step"] >= args.pretrain_steps
+        cfg_file = run / "config.json"
+        done = cfg_file.exists() and json.loads(cfg_file.read_text())["step"] >= args.pretrain_steps
         if not done:
             cfg = PretrainConfig(method=method, arch=args.arch, patch_size=(args.pretrain_patch,) * 3,
                                  batch_size=max(2, args.batch_size), steps=args.pretrain_steps, device=args.device,

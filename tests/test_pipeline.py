@@ -1,0 +1,133 @@
+"""End to end on real scans: finetune -> predict -> evaluate, transfer of pre-trained encoders,
+and predictions on the exact input grid of awkward headers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from s3d.cli import cli
+from s3d.train.finetune import FinetuneConfig, split_cases, transfer_encoder
+
+N_CASES = 8
+
+
+@pytest.fixture(scope="module")
+def small_dataset(hippocampus_dir, tmp_path_factory):
+    """The first N_CASES real hippocampus cases as an nnU-Net raw dataset."""
+    root = tmp_path_factory.mktemp("data") / "Dataset004_Small"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (hippocampus_dir / "imagesTr").glob("*_0000.nii.gz"))
+    for c in cases[:N_CASES]:
+        shutil.copy(hippocampus_dir / "imagesTr" / f"{c}_0000.nii.gz", root / "imagesTr")
+        shutil.copy(hippocampus_dir / "labelsTr" / f"{c}.nii.gz", root / "labelsTr")
+    meta = json.loads((hippocampus_dir / "dataset.json").read_text())
+    meta["numTraining"] = N_CASES
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "hippo"
+    cache = tmp_path_factory.mktemp("cache")
+    res = CliRunner().invoke(cli, ["finetune", str(small_dataset), str(out), "--steps", "6", "--val-every", "0",
+                                   "--patch-size", "32", "32", "32", "--device", "cpu", "--cache-dir", str(cache),
+                                   "--checkpoint-every", "3", "-j", "1"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_split_is_deterministic_disjoint_and_nested():
+    ids = [f"c{i:03d}" for i in range(40)]
+    tr, va = split_cases(ids, FinetuneConfig(fold=0))
+    assert not set(tr) & set(va) and len(va) == 8 and sorted(tr + va) == ids
+    folds = [split_cases(ids, FinetuneConfig(fold=k))[1] for k in range(5)]
+    assert sorted(sum(folds, [])) == ids
+    five = split_cases(ids, FinetuneConfig(train_cases=5))[0]
+    ten = split_cases(ids, FinetuneConfig(train_cases=10))[0]
+    assert len(five) == 5 and set(five) <= set(ten) and not set(ten) & set(va)
+
+
+def test_finetune_writes_a_complete_run(trained_run):
+    cfg = json.loads((trained_run / "config.json").read_text())
+    assert cfg["kind"] == "segmentation" and cfg["step"] == 6
+    assert cfg["labels"] == {"background": 0, "anterior": 1, "posterior": 2}
+    assert set(cfg["data"]["val_cases"]).isdisjoint(cfg["data"]["train_cases"])
+    assert (trained_run / "model.safetensors").exists() and (trained_run / "state.safetensors").exists()
+    val = [json.loads(line) for line in (trained_run / "validation.jsonl").read_text().splitlines()]
+    assert val[-1]["step"] == 6 and "dice_anterior" in val[-1]
+
+
+def test_predict_writes_on_the_input_grid_and_evaluate_scores_it(trained_run, small_dataset, tmp_path):
+    out = tmp_path / "pred"
+    res = CliRunner().invoke(cli, ["predict", "-i", str(small_dataset / "imagesTr"), "-o", str(out), "-m",
+                                   str(trained_run), "--device", "cpu", "--no-tta"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    for img in sorted((small_dataset / "imagesTr").glob("*.nii.gz")):
+        case = img.name[: -len("_0000.nii.gz")]
+        ref, pred = nib.load(img), nib.load(out / f"{case}.nii.gz")
+        assert pred.shape == ref.shape
+        assert np.array_equal(pred.affine, ref.affine)
+        assert pred.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+    res = CliRunner().invoke(cli, ["evaluate", str(small_dataset / "labelsTr"), str(out), "-o",
+                                   str(tmp_path / "summary.json")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == N_CASES
+    assert 0 <= summary["foreground_mean"]["Dice"] <= 1
+
+
+def test_predict_on_awkward_headers_keeps_shape_affine_and_codes(trained_run, edge_cases_dir, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("bigendian_int16_anatomical.nii", "reoriented_anat_moved.nii"):
+        shutil.copy(edge_cases_dir / name, inp / name)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["predict", "-i", str(inp), "-o", str(out), "-m", str(trained_run),
+                                   "--device", "cpu", "--no-tta"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    for name in ("bigendian_int16_anatomical.nii", "reoriented_anat_moved.nii"):
+        ref, pred = nib.load(inp / name), nib.load(out / name)
+        assert pred.shape == ref.shape[:3]
+        assert np.allclose(pred.affine, ref.affine, atol=1e-6)
+        assert int(pred.header["qform_code"]) == int(ref.header["qform_code"])
+        assert int(pred.header["sform_code"]) == int(ref.header["sform_code"])
+    assert sorted(p.name for p in inp.iterdir()) == ["bigendian_int16_anatomical.nii", "reoriented_anat_moved.nii"]
+
+
+def test_predict_rejects_a_bad_file_with_one_line(trained_run, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 this is not a volume")
+    res = CliRunner().invoke(cli, ["predict", "-i", str(inp), "-o", str(tmp_path / "o"), "-m", str(trained_run),
+                                   "--device", "cpu"])
+    assert res.exit_code != 0
+    assert "broken.nii.gz" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_transfer_encoder_replicates_the_stem_over_channels():
+    from s3d.nn.resenc import ResEncUNet, plan_network
+
+    cfg1 = plan_network((32, 32, 32), (1.0, 1.0, 1.0), preset="resenc-s", in_channels=1, num_classes=1)
+    cfg3 = plan_network((32, 32, 32), (1.0, 1.0, 1.0), preset="resenc-s", in_channels=3, num_classes=4)
+    src, dst = ResEncUNet(cfg1), ResEncUNet(cfg3)
+    report = transfer_encoder(dst, src.state_dict())
+    assert report["encoder_tensors_loaded"] == report["encoder_tensors_in_network"]
+    stem_key = report["stem_replicated"][0]
+    w_src, w_dst = src.state_dict()[stem_key], dst.state_dict()[stem_key]
+    assert w_dst.shape[1] == 3 and torch.allclose(w_dst.sum(1, keepdim=True), w_src, atol=1e-6)
+    for k, v in src.state_dict().items():
+        if k.startswith("encoder.") and k != stem_key:
+            assert torch.equal(dst.state_dict()[k], v)
+    assert not torch.equal(dst.state_dict()["decoder.seg_layers.0.weight"][:1],
+                           src.state_dict()["decoder.seg_layers.0.weight"])

@@ -1,0 +1,343 @@
+"""s3d.hub and `s3d weights`: registry, offline Hub resolution, nnssl conversion, export round trip.
+
+No network: HF_HUB_OFFLINE is set and every test passes its own cache_dir, laid out the way
+huggingface_hub lays out its cache (models--owner--name/{refs/main, blobs/, snapshots/<sha>/}).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from s3d import hub
+from s3d.errors import S3DError
+
+dna_unet = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+
+TINY_FEATURES = (4, 8, 8, 8, 8, 8)  # ResEnc-L depth (blocks 1,3,4,6,6,6), reduced width: same key structure
+RESENC_L_BLOCKS = (1, 3, 4, 6, 6, 6)
+STRIDES = ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+SHA = "0123456789abcdef0123456789abcdef01234567"
+REPO = "test-org/ResEncL-Tiny"
+
+
+def _dna(features=TINY_FEATURES, num_classes: int = 2) -> nn.Module:
+    return dna_unet.ResidualEncoderUNet(
+        1, 6, features, nn.Conv3d, 3, STRIDES, RESENC_L_BLOCKS, num_classes, (1, 1, 1, 1, 1), conv_bias=True,
+        norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True})
+
+
+# adaptation plan as nnssl's AdaptationPlan.serialize() writes it for the OpenMind ResEncL checkpoints
+PLAN = {
+    "architecture_plans": {"arch_class_name": "ResEncL", "arch_kwargs": None, "arch_kwargs_requiring_import": None},
+    "pretrain_plan": {
+        "dataset_name": "Dataset745_OpenNeuro_v2", "plans_name": "nnsslPlans",
+        "original_median_spacing_after_transp": [1, 1, 1], "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+        "configurations": {"onemmiso": {
+            "data_identifier": "nnsslPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+            "spacing_style": "onemmiso", "normalization_schemes": ["ZScoreNormalization"],
+            "use_mask_for_norm": [False], "spacing": [1, 1, 1], "patch_size": [160, 160, 160]}},
+        "experiment_planner_used": "FixedResEncUNetPlanner"},
+    "pretrain_num_input_channels": 1,
+    "recommended_downstream_patchsize": [160, 128, 96],  # deliberately anisotropic: checks the axis flip
+    "key_to_encoder": "encoder.stages", "key_to_stem": "encoder.stem",
+    "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"], "key_to_lpe": None,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    net = _dna()
+    with torch.no_grad():  # non-default values everywhere (norm affine params start at 1/0)
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+def _put_in_cache(cache: Path, repo: str, sha: str, files: dict[str, Path], ref: str = "main") -> Path:
+    """Lay out files like huggingface_hub's cache: blobs/<hash>, snapshots/<sha>/<name> -> ../../blobs/<hash>."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / ref).write_text(sha)
+    (root / "blobs").mkdir(exist_ok=True)
+    snap = root / "snapshots" / sha
+    snap.mkdir(parents=True, exist_ok=True)
+    for name, src in files.items():
+        data = Path(src).read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snap / name
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        os.symlink(os.path.relpath(blob, snap), link)
+    return snap
+
+
+@pytest.fixture()
+def nnssl_cache(tmp_path, tiny, monkeypatch):
+    """Offline HF cache holding an OpenMind-layout repo, plus a registry entry pointing at it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save({"network_weights": tiny.state_dict(), "nnssl_adaptation_plan": PLAN,
+                "citations": ["@article{openmind}"]}, src / "checkpoint_final.pth")
+    (src / "adaptation_plan.json").write_text(json.dumps(PLAN))
+    (src / "config.json").write_text(json.dumps({"description": "Dummy config to allow tracking HF downloads."}))
+    cache = tmp_path / "hub"
+    _put_in_cache(cache, REPO, SHA, {n: src / n for n in ("checkpoint_final.pth", "adaptation_plan.json",
+                                                          "config.json")})
+    entry = hub.WeightsEntry(name="test-tiny", repo_id=REPO, revision="main",
+                             files=("checkpoint_final.pth", "adaptation_plan.json"), format="nnssl-pth",
+                             method="MAE", arch=None, description="tiny test weights")
+    monkeypatch.setitem(hub.REGISTRY, entry.name, entry)
+    return cache
+
+
+def _count_torch_load(monkeypatch) -> list:
+    calls = []
+    real = torch.load
+
+    def checked(*args, **kwargs):
+        assert kwargs.get("weights_only") is True, "pickles must be read with weights_only=True"
+        assert str(kwargs.get("map_location")) == "cpu"
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", checked)
+    return calls
+
+
+def _expected_keys(sd) -> set[str]:
+    return {k for k in sd if ".all_modules." not in k and not k.startswith("decoder.encoder.")}
+
+
+def test_registry_lists_the_openmind_resencl_checkpoints():
+    for method in ("MAE", "S3D", "VoCo", "SimCLR", "VF", "SwinUNETR"):
+        e = hub.REGISTRY[f"openmind-resencl-{method.lower()}"]
+        assert e.repo_id == f"MIC-DKFZ/ResEncL-OpenMind-{method}"
+        assert e.format == "nnssl-pth" and e.files[0] == "checkpoint_final.pth"
+        assert (e.arch, e.in_channels, e.spacing, e.normalization, e.patch_size) == \
+            ("resenc-l", 1, (1.0, 1.0, 1.0), "zscore", (160, 160, 160))
+        assert e.license == "cc-by-4.0" and "2412.17041" in e.citation
+    assert "2410.23132" in hub.REGISTRY["openmind-resencl-s3d"].citation
+    with pytest.raises(S3DError, match="unknown format"):
+        hub.register(hub.WeightsEntry("x", "a/b", "main", ("f",), "pickle", "m"))
+
+
+def test_network_inferred_from_real_resencl_shapes_is_the_preset():
+    with torch.device("meta"):  # 102M parameters: shapes only, no memory
+        net = _dna(features=(32, 64, 128, 256, 320, 320), num_classes=3)
+    inferred = hub.infer_network_config(net.state_dict())
+    preset = hub.preset_network("resenc-l")
+    for key in ("features", "blocks", "strides", "kernel_sizes", "decoder_convs"):
+        assert hub._arch_of(inferred)[key] == hub._arch_of(preset)[key], key
+    assert inferred["in_channels"] == 1 and inferred["num_classes"] == 3
+
+
+def test_real_resencl_checkpoint_keys_fit_s3d_resencl():
+    """The OpenMind layout (DNA ResEnc-L state dict) minus duplicates == s3d's resenc-l, key for key."""
+    resenc = pytest.importorskip("s3d.nn.resenc", reason="s3d.nn.resenc not written yet")
+    with torch.device("meta"):
+        dna = hub.drop_dna_duplicates(_dna(features=(32, 64, 128, 256, 320, 320), num_classes=2).state_dict())
+        ours = resenc.ResEncUNet(resenc.ResEncConfig.from_dict({**hub.preset_network("resenc-l"),
+                                                                "num_classes": 2})).state_dict()
+    assert {k: tuple(v.shape) for k, v in dna.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+
+
+def test_offline_nnssl_resolution_converts_once(nnssl_cache, tiny, monkeypatch):
+    calls = _count_torch_load(monkeypatch)
+    r = hub.resolve_weights("test-tiny", cache_dir=nnssl_cache)
+    sd = r.state_dict
+    original = tiny.state_dict()
+    assert set(sd) == _expected_keys(original)
+    assert not any(".all_modules." in k or k.startswith("decoder.encoder.") for k in sd)
+    for k, v in sd.items():
+        assert torch.equal(v, original[k]) and v.dtype == original[k].dtype, k
+    assert len(calls) == 1 and Path(calls[0]).name == "checkpoint_final.pth"
+    assert r.path == nnssl_cache / "s3d-converted" / f"test-org--ResEncL-Tiny--{SHA}" / "model.safetensors"
+    cfg = r.config
+    assert cfg["network"]["features"] == list(TINY_FEATURES) and cfg["network"]["blocks"] == list(RESENC_L_BLOCKS)
+    assert cfg["plan"] == {"target_spacing": [1.0, 1.0, 1.0], "normalization": ["zscore"]}
+    assert cfg["patch_size"] == [96, 128, 160]  # nnssl (z, y, x) -> s3d (i, j, k)
+    assert cfg["source"]["revision"] == SHA and cfg["nnssl_adaptation_plan"]["key_to_stem"] == "encoder.stem"
+    # the converted safetensors holds each tensor once
+    from safetensors import safe_open
+
+    with safe_open(str(r.path), framework="pt") as f:
+        keys = list(f.keys())
+    assert len(keys) == len(set(keys)) == len(_expected_keys(original))
+
+    def boom(*a, **k):
+        raise AssertionError("torch.load called again: the conversion cache was not used")
+
+    monkeypatch.setattr(torch, "load", boom)
+    for spec in ("test-tiny", REPO, f"{REPO}@{SHA}", f"https://huggingface.co/{REPO}"):
+        again = hub.resolve_weights(spec, cache_dir=nnssl_cache)
+        assert again.path == r.path, spec
+        assert torch.equal(again.state_dict["encoder.stem.convs.0.conv.weight"],
+                           original["encoder.stem.convs.0.conv.weight"])
+
+
+def test_converted_weights_reproduce_the_dna_network(nnssl_cache, tiny):
+    sd = hub.resolve_weights("test-tiny", cache_dir=nnssl_cache).state_dict
+    fresh = _dna()
+    missing, unexpected = fresh.load_state_dict(sd, strict=False)
+    assert not unexpected
+    # every key it lacks is one of DNA's aliases, and those alias the very tensors just loaded
+    assert missing and all(".all_modules." in k or k.startswith("decoder.encoder.") for k in missing)
+    x = torch.randn(1, 1, 64, 64, 64)
+    tiny.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), tiny(x))
+    enc = hub.encoder_state_dict(sd)
+    assert enc and all(k.startswith(("encoder.stem.", "encoder.stages.")) for k in enc)
+    assert set(enc) == {k for k in sd if k.startswith("encoder.")}
+
+
+def test_encoder_loads_strictly_into_s3d_resenc(nnssl_cache):
+    resenc = pytest.importorskip("s3d.nn.resenc", reason="s3d.nn.resenc not written yet")
+    r = hub.resolve_weights("test-tiny", cache_dir=nnssl_cache)
+    net = resenc.ResEncUNet(resenc.ResEncConfig.from_dict({**r.config["network"], "num_classes": 2}))
+    enc = {k[len("encoder."):]: v for k, v in hub.encoder_state_dict(r.state_dict).items()}
+    net.encoder.load_state_dict(enc, strict=True)
+    net.load_state_dict(r.state_dict, strict=True)
+
+
+def test_registry_preset_mismatch_is_reported(nnssl_cache, monkeypatch):
+    e = hub.REGISTRY["test-tiny"]
+    monkeypatch.setitem(hub.REGISTRY, "test-tiny", hub.WeightsEntry(**{**e.__dict__, "arch": "resenc-l"}))
+    with pytest.raises(S3DError, match="do not match preset resenc-l"):
+        hub.resolve_weights("test-tiny", cache_dir=nnssl_cache)
+
+
+def test_sha256_mismatch_is_reported(nnssl_cache, monkeypatch):
+    e = hub.REGISTRY["test-tiny"]
+    monkeypatch.setitem(hub.REGISTRY, "test-tiny", hub.WeightsEntry(**{**e.__dict__, "sha256": "0" * 64}))
+    with pytest.raises(S3DError, match="sha256"):
+        hub.resolve_weights("test-tiny", cache_dir=nnssl_cache)
+
+
+class _Opaque:  # any class: weights_only unpickling must refuse it
+    def __init__(self) -> None:
+        self.x = 1
+
+
+def test_pickles_with_objects_are_refused_not_unpickled(tmp_path, tiny, monkeypatch):
+    calls = _count_torch_load(monkeypatch)
+    good = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": tiny.state_dict(), "nnssl_adaptation_plan": PLAN}, good)
+    r = hub.resolve_weights(str(good))
+    assert set(r.state_dict) == _expected_keys(tiny.state_dict()) and r.path is None
+    assert r.config["network"]["features"] == list(TINY_FEATURES)
+    bad = tmp_path / "evil.pth"
+    torch.save({"network_weights": tiny.state_dict(), "trainer": _Opaque()}, bad)
+    with pytest.raises(S3DError, match="weights_only=True") as err:
+        hub.resolve_weights(str(bad))
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)
+    assert len(calls) == 2
+
+
+def test_offline_and_not_cached_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    empty = tmp_path / "empty-cache"
+    with pytest.raises(S3DError) as err:
+        hub.resolve_weights("openmind-resencl-mae", cache_dir=empty)
+    msg = str(err.value)
+    assert "'openmind-resencl-mae'" in msg and "not in the cache" in msg and str(empty) in msg
+    assert "HF_HUB_OFFLINE" in msg and "s3d weights download openmind-resencl-mae" in msg and "\n" not in msg
+    with pytest.raises(S3DError, match="not in the cache"):
+        hub.resolve_weights("nobody/nothing@v1", cache_dir=empty)
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read once at import, maybe under a test's env
+    with pytest.raises(S3DError, match="only local files"):
+        hub.resolve_weights("openmind-resencl-s3d", cache_dir=empty, local_files_only=True)
+
+
+def test_unrecognised_spec(tmp_path):
+    with pytest.raises(S3DError, match="not an existing file or folder, a registry name"):
+        hub.resolve_weights("no such weights", cache_dir=tmp_path)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(S3DError, match="not a weights folder"):
+        hub.resolve_weights(str(tmp_path / "folder"))
+
+
+def _run_cli(args: list[str], capsys) -> str:
+    from s3d.cli import main
+
+    main(args)
+    return capsys.readouterr().out
+
+
+def test_cli_list_and_info(capsys):
+    out = _run_cli(["weights", "list"], capsys)
+    for e in hub.REGISTRY.values():
+        assert e.name in out and e.repo_id in out
+    assert "cc-by-4.0" in out and "MIC-DKFZ/ResEncL-OpenMind-S3D" in out
+    out = _run_cli(["weights", "info", "openmind-resencl-s3d"], capsys)
+    assert "https://huggingface.co/MIC-DKFZ/ResEncL-OpenMind-S3D" in out and "2410.23132" in out
+    assert "zscore" in out and "160 x 160 x 160" in out
+    with pytest.raises(SystemExit) as ex:
+        _run_cli(["weights", "info", "nope"], capsys)
+    assert ex.value.code == 2 and "not in the registry" in capsys.readouterr().err
+
+
+def test_cli_download_converts_into_the_cache(nnssl_cache, capsys):
+    out = _run_cli(["weights", "download", "test-tiny", "--cache-dir", str(nnssl_cache)], capsys)
+    assert "s3d-converted" in out and (nnssl_cache / "s3d-converted" / f"test-org--ResEncL-Tiny--{SHA}"
+                                       / "config.json").exists()
+
+
+def _pretrain_run(run: Path, sd) -> None:
+    from s3d.checkpoint import save_model
+
+    save_model(run, sd, {"kind": "pretrain", "method": "mae", "network": hub.infer_network_config(sd),
+                         "plan": {"target_spacing": [1.0, 1.0, 1.0], "normalization": ["zscore"]},
+                         "patch_size": [64, 64, 64], "data": {"folders": ["/secret/place/unlabeled"]}, "step": 7})
+    (run / "validation.jsonl").write_text('{"step": 7, "dice_mean": 0.5}\n')
+
+
+def test_export_round_trips_and_resolves_from_a_hub_cache(tmp_path, tiny, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sd = hub.drop_dna_duplicates(tiny.state_dict())
+    run, out = tmp_path / "run", tmp_path / "export"
+    _pretrain_run(run, sd)
+    _run_cli(["weights", "export", str(run), str(out), "--license", "cc-by-4.0"], capsys)
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    card = (out / "README.md").read_text()
+    for needle in ("license: cc-by-4.0", "2410.23132", "2408.05889", "Hu, Xinrong", "Wald, Tassilo",
+                   "features per stage: 4 x 8 x 8 x 8 x 8 x 8", "zscore", "dice_mean: 0.5", "mae"):
+        assert needle in card, needle
+    cfg = json.loads((out / "config.json").read_text())
+    assert "/secret/place" not in json.dumps(cfg) and cfg["export"]["tensors"] == "full"
+
+    back = hub.resolve_weights(str(out))
+    assert set(back.state_dict) == set(sd)
+    for k in sd:
+        assert torch.equal(back.state_dict[k], sd[k]) and back.state_dict[k].dtype == sd[k].dtype
+    assert back.config["network"]["features"] == list(TINY_FEATURES)
+
+    cache = tmp_path / "hub"
+    sha = "fedcba9876543210fedcba9876543210fedcba98"
+    _put_in_cache(cache, "me/my-weights", sha, {n: out / n for n in ("model.safetensors", "config.json",
+                                                                      "README.md")})
+    for spec in ("me/my-weights", f"me/my-weights@{sha}"):
+        hubbed = hub.resolve_weights(spec, cache_dir=cache)
+        assert "me/my-weights" in hubbed.source and hubbed.path.parent.name == sha
+        assert all(torch.equal(hubbed.state_dict[k], sd[k]) for k in sd)
+
+    enc_out = tmp_path / "export-enc"
+    hub.export_run(run, enc_out, encoder_only=True)
+    enc = hub.resolve_weights(str(enc_out)).state_dict
+    assert set(enc) == set(hub.encoder_state_dict(sd)) and "decoder.seg_layers.0.weight" not in enc

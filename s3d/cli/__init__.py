@@ -64,8 +64,10 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `s3d` script: user errors become one line and exit code 2."""
     try:
-        cli.main(args=argv, prog_name="s3d", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="s3d", standalone_mode=False)
         _leave_process_group()
+        if isinstance(rv, int) and rv != 0:  # ctx.exit(n) returns n when standalone_mode is off
+            sys.exit(rv)
     except S3DError as e:
         UserError(str(e)).show()
         sys.exit(2)

@@ -1,0 +1,366 @@
+"""Sparse (masked) ResEnc encoder: stage masks, masked InstanceNorm, no leaks, dense equivalence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from s3d.nn.blocks import BasicBlockD, ConvNormAct, StackedConvBlocks, StackedResidualBlocks
+from s3d.nn.resenc import PRESETS, ResEncConfig, ResEncEncoder
+from s3d.nn.sparse import MaskedInstanceNorm3d, masked_instance_norm, masked_instance_norm_reference, stage_masks
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+TINY = ResEncConfig(1, 1, (4, 8, 12), (1, 2, 2), ((1, 1, 1), (2, 2, 2), (2, 2, 2)), ((3, 3, 3),) * 3, (1, 1))
+# anisotropic: first pooling in-plane only, 1x3x3 kernels on the coarse axis, 2 input channels
+ANISO = ResEncConfig(2, 1, (4, 6, 8), (2, 1, 2), ((1, 1, 1), (1, 2, 2), (2, 2, 2)),
+                     ((1, 3, 3), (1, 3, 3), (3, 3, 3)), (1, 1))
+
+
+def block_mask(batch: int, grid: tuple[int, int, int], block: tuple[int, int, int], seed: int,
+               ratio: float = 0.6) -> torch.Tensor:
+    """Random coarse visibility grid repeated to blocks; every sample has visible and masked cells."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = (torch.rand(batch, 1, *grid, generator=g) > ratio).float()
+    coarse.view(batch, -1)[:, 0] = 1.0
+    coarse.view(batch, -1)[:, -1] = 0.0
+    m = coarse
+    for ax in range(3):
+        m = m.repeat_interleave(block[ax], dim=2 + ax)
+    return m
+
+
+def make_encoder(cfg: ResEncConfig, seed: int = 0, device: str = "cpu") -> ResEncEncoder:
+    """Encoder with random norm weights too (nnU-Net init zeroes every block's last norm)."""
+    torch.manual_seed(seed)
+    enc = ResEncEncoder(cfg)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if ".norm." in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.2)
+    return enc.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------- stage masks
+
+
+def test_stage_masks_are_the_coarse_mask_at_each_resolution():
+    strides = ((1, 1, 1), (1, 2, 2), (2, 2, 2))
+    block = (4, 8, 8)  # a multiple of the total stride (2, 4, 4)
+    m = block_mask(3, (2, 3, 2), block, seed=0)
+    coarse = m[:, :, :: block[0], :: block[1], :: block[2]]
+    out = stage_masks(m, strides)
+    assert len(out) == 3
+    for cum, ms in zip(((1, 1, 1), (1, 2, 2), (2, 4, 4)), out, strict=True):
+        expect = coarse
+        for ax in range(3):
+            expect = expect.repeat_interleave(block[ax] // cum[ax], dim=2 + ax)
+        assert ms.dtype == torch.float32 and torch.equal(ms, expect)
+    # bool masks work and give the same result
+    assert all(torch.equal(a, b) for a, b in zip(stage_masks(m.bool(), strides), out, strict=True))
+
+
+def test_stage_masks_reject_partial_blocks():
+    strides = ((1, 1, 1), (2, 2, 2), (2, 2, 2))
+    aligned = block_mask(2, (2, 2, 2), (4, 4, 4), seed=1)
+    stage_masks(aligned, strides)
+    with pytest.raises(ValueError, match="constant"):
+        stage_masks(block_mask(2, (4, 4, 4), (2, 2, 2), seed=1), strides)  # 2^3 blocks, total stride 4
+    with pytest.raises(ValueError, match="divisible"):
+        stage_masks(torch.ones(1, 1, 6, 8, 8), strides)
+    with pytest.raises(ValueError, match="expected"):
+        stage_masks(torch.ones(1, 8, 8, 8), strides)
+
+
+# ---------------------------------------------------------------------------------------------- masked IN
+
+
+def brute_force_masked_in(x, m, w, b, eps=1e-5):
+    out = torch.zeros_like(x, dtype=torch.float64)
+    for i in range(x.shape[0]):
+        vis = m[i, 0] > 0
+        for c in range(x.shape[1]):
+            v = x[i, c][vis].double()
+            if v.numel() == 0:
+                continue
+            mean, var = v.mean(), v.var(unbiased=False)
+            out[i, c][vis] = (v - mean) / torch.sqrt(var + eps) * w[c].double() + b[c].double()
+    return out
+
+
+def test_masked_instance_norm_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 6, 5, 7, generator=g) * 3 + torch.arange(4.0).view(1, 4, 1, 1, 1) * 10
+    m = (torch.rand(3, 1, 6, 5, 7, generator=g) > 0.5).float()
+    m[2] = 0.0  # a sample with nothing visible: zeros, not NaN
+    norm = MaskedInstanceNorm3d(4, eps=1e-5, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(4, generator=g))
+        norm.bias.copy_(torch.randn(4, generator=g))
+    y = norm(x, m)
+    ref = brute_force_masked_in(x, m, norm.weight.detach(), norm.bias.detach())
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.all(y[(m == 0).expand_as(y)] == 0)
+    assert torch.isfinite(y).all()
+
+
+def test_fused_masked_instance_norm_gradients():
+    """The hand-written backward against finite differences (gradcheck) and against plain autograd."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    m = (torch.rand(2, 1, 4, 3, 5, generator=g) > 0.4).double()
+    m[1, 0, :2] = 0
+    w = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: masked_instance_norm(x, m, w, b), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x: masked_instance_norm(x, m), (x,))
+    gy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    fused = torch.autograd.grad((masked_instance_norm(x, m, w, b) * gy).sum(), (x, w, b))
+    ref = torch.autograd.grad((masked_instance_norm_reference(x, m, w, b) * gy).sum(), (x, w, b))
+    for a, r in zip(fused, ref, strict=True):
+        torch.testing.assert_close(a, r, atol=1e-10, rtol=1e-10)
+    assert torch.all(fused[0][(m == 0).expand_as(x)] == 0)
+
+
+def test_per_channel_mask_matches_brute_force():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, 4, 6, generator=g)
+    m = (torch.rand(2, 3, 5, 4, 6, generator=g) > 0.5).float()
+    w, b = torch.randn(3, generator=g), torch.randn(3, generator=g)
+    y = masked_instance_norm(x, m, w, b)
+    for c in range(3):
+        ref = brute_force_masked_in(x[:, c:c + 1], m[:, c:c + 1], w[c:c + 1], b[c:c + 1])
+        torch.testing.assert_close(y[:, c:c + 1].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_instance_norm_without_mask_is_instance_norm():
+    x = torch.randn(2, 3, 5, 6, 4)
+    norm = MaskedInstanceNorm3d(3, affine=True)
+    ref = nn.InstanceNorm3d(3, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    ref.load_state_dict(norm.state_dict())
+    assert torch.equal(norm(x), ref(x))
+    torch.testing.assert_close(norm(x, torch.ones(2, 1, 5, 6, 4)), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_instance_norm_half_precision_uses_float32_statistics():
+    g = torch.Generator().manual_seed(1)
+    # a large offset: a bf16 sum over 4000 voxels would be off by hundreds and wreck the variance
+    x = (100 + 10 * torch.randn(2, 2, 20, 20, 10, generator=g)).bfloat16()
+    m = (torch.rand(2, 1, 20, 20, 10, generator=g) > 0.3).float()
+    w, b = torch.tensor([1.5, 0.5]), torch.tensor([0.1, -0.2])
+    y = masked_instance_norm(x, m, w, b)
+    assert y.dtype == torch.bfloat16
+    ref = brute_force_masked_in(x.float(), m, w, b)
+    torch.testing.assert_close(y.double(), ref, atol=3e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg,shape", [(TINY, (2, 1, 16, 16, 16)), (ANISO, (2, 2, 8, 16, 16))], ids=["iso", "aniso"])
+def test_all_visible_mask_equals_dense(cfg, shape, device):
+    enc = make_encoder(cfg, device=device)
+    x = torch.randn(shape, device=device)
+    with torch.no_grad():
+        dense = enc(x)
+        sparse = enc(x, torch.ones(shape[0], 1, *shape[2:], device=device))
+    for d, s in zip(dense, sparse, strict=True):
+        torch.testing.assert_close(s, d, atol=1e-5, rtol=1e-5)
+
+
+def test_all_visible_mask_equals_dense_resenc_s():
+    # float64: through 9 residual blocks down to a 2x2x2 bottleneck, float32 round-off of two different
+    # (equally valid) variance algorithms reaches ~2e-5, which would hide nothing but fail 1e-5
+    enc = make_encoder(PRESETS["resenc-s"], seed=1).double()
+    x = torch.randn(1, 1, 32, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        dense, sparse = enc(x), enc(x, torch.ones(1, 1, 32, 32, 32, dtype=torch.float64))
+    assert len(dense) == 5
+    for d, s in zip(dense, sparse, strict=True):
+        assert s.dtype == torch.float64
+        torch.testing.assert_close(s, d, atol=1e-10, rtol=1e-10)
+
+
+def _hook_all(enc: ResEncEncoder, record: list) -> list:
+    handles = []
+    for name, mod in enc.named_modules():
+        if isinstance(mod, (ConvNormAct, StackedConvBlocks, BasicBlockD, StackedResidualBlocks)):
+            def hook(module, args, output, name=name):
+                record.append((name, args[1] if len(args) > 1 else None, output.detach()))
+            handles.append(mod.register_forward_hook(hook))
+    return handles
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg,shape,block", [
+    (TINY, (2, 1, 16, 16, 16), (4, 4, 4)),
+    (ANISO, (2, 2, 8, 16, 16), (4, 8, 8)),
+], ids=["iso", "aniso"])
+def test_masked_positions_are_zero_after_every_conv_block_and_stage(cfg, shape, block, device):
+    enc = make_encoder(cfg, device=device)
+    grid = tuple(s // b for s, b in zip(shape[2:], block, strict=True))
+    m = block_mask(shape[0], grid, block, seed=3).to(device)
+    x = torch.randn(shape, device=device)
+    record: list = []
+    handles = _hook_all(enc, record)
+    try:
+        with torch.no_grad():
+            skips = enc(x, m)
+    finally:
+        for h in handles:
+            h.remove()
+    n_modules = sum(isinstance(mod, (ConvNormAct, StackedConvBlocks, BasicBlockD, StackedResidualBlocks))
+                    for mod in enc.modules())
+    assert len(record) == n_modules  # every conv, block and stage ran and was checked
+    for name, mk, out in record:
+        assert mk is not None, f"{name} ran without a mask"
+        assert mk.shape[2:] == out.shape[2:], name
+        assert torch.all(out * (1 - mk) == 0), f"masked voxels not zero after {name}"
+        assert (out * mk).abs().sum() > 0, f"visible voxels all zero after {name}"
+    for skip, ms in zip(skips, stage_masks(m, cfg.strides), strict=True):
+        assert torch.all(skip[(ms == 0).expand_as(skip)] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg,shape,total", [(TINY, (2, 1, 16, 16, 16), (4, 4, 4)),
+                                             (ANISO, (2, 2, 8, 16, 16), (2, 4, 4))], ids=["iso", "aniso"])
+def test_sparse_encoder_equals_dense_encoder_on_the_visible_box(cfg, shape, total, device):
+    """Independent reference: with a single visible box, masked zeros act exactly like zero padding and
+    visible-only statistics are the statistics of the crop, so the sparse encoder must equal the plain
+    dense encoder run on the cropped box, at every stage. (float64: the bottleneck holds 4-8 voxels, where
+    float32 round-off of the two variance algorithms alone reaches 2e-5.)"""
+    enc = make_encoder(cfg, device=device).double()
+    x = torch.randn(shape, device=device, dtype=torch.float64)
+    boxes = [((0, 8), (4, 16), (4, 12)), ((4, 8), (0, 8), (8, 16))]  # multiples of the total stride
+    m = torch.zeros(shape[0], 1, *shape[2:], device=device, dtype=torch.float64)
+    for i, box in enumerate(boxes):
+        m[i, 0, box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]] = 1
+    with torch.no_grad():
+        sparse = enc(x, m)
+        for i, box in enumerate(boxes):
+            crop = x[i:i + 1, :, box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]]
+            dense = enc(crop)
+            cum = (1, 1, 1)
+            for s, (sp, de) in enumerate(zip(sparse, dense, strict=True)):
+                cum = tuple(a * b for a, b in zip(cum, cfg.strides[s], strict=True))
+                sl = [slice(lo // c, hi // c) for (lo, hi), c in zip(box, cum, strict=True)]
+                torch.testing.assert_close(sp[i:i + 1, :, sl[0], sl[1], sl[2]], de, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_input_content_does_not_leak(device):
+    enc = make_encoder(TINY, device=device)
+    m = block_mask(2, (4, 4, 4), (4, 4, 4), seed=5).to(device)
+    x = torch.randn(2, 1, 16, 16, 16, device=device)
+    noisy = x + 100 * torch.randn_like(x) * (1 - m)
+    record_a: list = []
+    record_b: list = []
+    with torch.no_grad():
+        handles = _hook_all(enc, record_a)
+        a = enc(x, m)
+        for h in handles:
+            h.remove()
+        handles = _hook_all(enc, record_b)
+        b = enc(noisy, m)
+        for h in handles:
+            h.remove()
+    assert all(torch.equal(sa, sb) for sa, sb in zip(a, b, strict=True))
+    assert all(torch.equal(ra[2], rb[2]) for ra, rb in zip(record_a, record_b, strict=True))
+    # ... while a single visible voxel does change the encoding, down to the bottleneck
+    vis = m[0, 0].nonzero()[0]
+    poked = x.clone()
+    poked[0, 0, vis[0], vis[1], vis[2]] += 5.0
+    with torch.no_grad():
+        c = enc(poked, m)
+    for sa, sc in zip(a, c, strict=True):
+        assert not torch.equal(sa[0], sc[0])
+        assert torch.equal(sa[1], sc[1])  # the other sample is untouched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_reaches_visible_input_only(device):
+    enc = make_encoder(TINY, device=device).train()
+    m = block_mask(2, (4, 4, 4), (4, 4, 4), seed=6).to(device)
+    x = torch.randn(2, 1, 16, 16, 16, device=device, requires_grad=True)
+    skips = enc(x, m)
+    g = torch.Generator().manual_seed(0)
+    loss = sum((s * torch.randn(s.shape, generator=g).to(device)).sum() for s in skips)
+    loss.backward()
+    hidden = (m == 0).expand_as(x)
+    assert torch.all(x.grad[hidden] == 0)
+    assert (x.grad[~hidden] != 0).float().mean() > 0.9
+    for name, p in enc.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_mask_errors():
+    enc = make_encoder(TINY)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match="does not fit"):
+        enc(x, torch.ones(1, 1, 16, 16, 8))
+    with pytest.raises(ValueError, match="constant"):
+        enc(x, block_mask(1, (8, 8, 8), (2, 2, 2), seed=0))
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_autocast_bf16_cpu():
+    enc = make_encoder(TINY)
+    m = block_mask(2, (4, 4, 4), (4, 4, 4), seed=7)
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        ref, ref_dense = enc(x, m), enc(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, out_dense = enc(x, m), enc(x)
+    for o, r in zip(out_dense, ref_dense, strict=True):
+        assert o.dtype == torch.bfloat16 and _rel_err(o, r) < 0.05
+    for o, r, ms in zip(out, ref, stage_masks(m, TINY.strides), strict=True):
+        assert o.dtype == torch.bfloat16  # the mask must not promote activations back to float32
+        assert torch.all(o[(ms == 0).expand_as(o)] == 0)
+        assert _rel_err(o, r) < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_cuda(dtype):
+    enc = make_encoder(PRESETS["resenc-s"], device="cuda").train()
+    m = block_mask(2, (2, 2, 2), (16, 16, 16), seed=8).cuda()
+    x = torch.randn(2, 1, 32, 32, 32, device="cuda")
+    with torch.no_grad():
+        ref = enc(x, m)
+    with torch.autocast("cuda", dtype=dtype):
+        out = enc(x, m)
+        loss = sum(o.float().square().mean() for o in out)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    for o, r, ms in zip(out, ref, stage_masks(m, enc.strides), strict=True):
+        assert o.dtype == dtype
+        assert torch.all(o[(ms == 0).expand_as(o)] == 0)
+        assert _rel_err(o, r) < 0.05
+
+
+def test_leaky_relu_and_residual_keep_zeros():
+    """A block on an input that is zero at masked voxels keeps them zero even with nonzero biases."""
+    blk = BasicBlockD(3, 5, 3, 2)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.copy_(torch.randn_like(p) + 0.5)
+    m_out = block_mask(1, (2, 2, 2), (2, 2, 2), seed=9)
+    m_in = F.interpolate(m_out, scale_factor=2, mode="nearest")
+    x = torch.randn(1, 3, 8, 8, 8) * m_in
+    y = blk(x, m_out)
+    assert torch.all(y[(m_out == 0).expand_as(y)] == 0)
+    # and without the mask the same block fills the masked voxels (the test above is not vacuous)
+    assert (blk(x) * (1 - m_out)).abs().sum() > 0

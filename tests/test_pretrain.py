@@ -1,0 +1,114 @@
+"""`s3d pretrain` on real images for each method, and `s3d finetune --weights` on its output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import struct
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from s3d.cli import cli
+
+COMMON = ["--arch", "resenc-s", "--patch-size", "32", "32", "32", "--device", "cpu", "-j", "1"]
+
+
+@pytest.fixture(scope="module")
+def images(hippocampus_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unlabeled")
+    for p in sorted((hippocampus_dir / "imagesTr").glob("*_0000.nii.gz"))[:4]:
+        shutil.copy(p, folder / p.name.replace("_0000", ""))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _run(args):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def mae_run(images, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "mae"
+    res = _run(["pretrain", str(images), str(out), "--method", "mae", "--steps", "4", "--checkpoint-every", "2",
+                "--mask-ratio", "0.6-0.9", "--cache-dir", str(cache), *COMMON])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_mae_run_has_encoder_weights_config_log_and_preview(mae_run):
+    cfg = json.loads((mae_run / "config.json").read_text())
+    assert cfg["kind"] == "pretrain" and cfg["method"] == "mae" and cfg["step"] == 4
+    assert cfg["mask_ratio"] == "0.6-0.9" and cfg["mask_block"] == [16, 16, 16]  # 32^3 patch, 2^3 bottleneck
+    sd = load_file(str(mae_run / "model.safetensors"))
+    assert any(k.startswith("encoder.stem.") for k in sd) and any(k.startswith("mask_tokens.") for k in sd)
+    rows = list(csv.DictReader((mae_run / "log.csv").open()))
+    assert rows and float(rows[-1]["loss"]) > 0
+    pngs = sorted(mae_run.glob("preview_step*.png"))
+    assert [p.name for p in pngs] == ["preview_step0000002.png", "preview_step0000004.png"]
+    head = pngs[-1].read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", head[16:24])
+    assert w > 4 * 32 and h > 3 * 32  # 4 columns (input, masked, recon, pasted) x 3 slice rows
+
+
+def test_finetune_loads_every_encoder_tensor_of_a_pretrained_run(mae_run, hippocampus_dir, cache, tmp_path):
+    ds = tmp_path / "Dataset004_Small"
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (hippocampus_dir / "imagesTr").glob("*_0000.nii.gz"))
+    for c in cases[10:16]:
+        shutil.copy(hippocampus_dir / "imagesTr" / f"{c}_0000.nii.gz", ds / "imagesTr")
+        shutil.copy(hippocampus_dir / "labelsTr" / f"{c}.nii.gz", ds / "labelsTr")
+    shutil.copy(hippocampus_dir / "dataset.json", ds / "dataset.json")
+    out = tmp_path / "ft"
+    res = _run(["finetune", str(ds), str(out), "--weights", str(mae_run), "--steps", "4", "--warmup-steps", "1", "1",
+                "--val-every", "0", "--patch-size", "32", "32", "32", "--device", "cpu", "--cache-dir", str(cache),
+                "-j", "1"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    t = cfg["transfer"]
+    assert t["encoder_tensors_loaded"] == t["encoder_tensors_in_network"] > 0 and not t["encoder_tensors_missing"]
+    assert cfg["train"]["lr"] == pytest.approx(1e-3)  # S3D fine-tuning peak LR
+    assert [p["kind"] for p in cfg["train"]["phases"]] == ["warmup", "warmup", "poly"]
+    assert cfg["train"]["phases"][0]["frozen"] == ["encoder"]
+    pre = load_file(str(mae_run / "model.safetensors"))
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert rows
+    # --from-scratch keeps the network but not the values
+    out2 = tmp_path / "scratch"
+    res = _run(["finetune", str(ds), str(out2), "--weights", str(mae_run), "--from-scratch", "--steps", "2",
+                "--val-every", "0", "--patch-size", "32", "32", "32", "--device", "cpu", "--cache-dir", str(cache),
+                "-j", "1"])
+    assert res.exit_code == 0, res.output
+    cfg2 = json.loads((out2 / "config.json").read_text())
+    assert cfg2["network"]["features"] == cfg["network"]["features"] and cfg2["transfer"] is None
+    assert cfg2["train"]["lr"] == pytest.approx(1e-2)
+    sd2 = load_file(str(out2 / "model.safetensors"))
+    assert not (sd2["encoder.stem.convs.0.conv.weight"] == pre["encoder.stem.convs.0.conv.weight"]).all()
+
+
+@pytest.mark.parametrize("method", ["simtrot", "btrot"])
+def test_token_methods_run_and_log_the_collapse_monitor(method, images, cache, tmp_path):
+    out = tmp_path / method
+    res = _run(["pretrain", str(images), str(out), "--method", method, "--steps", "3", "--batch-size", "2",
+                "--cache-dir", str(cache), *COMMON])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert {"token_std", "same_position_sim"} <= set(rows[-1])
+    sd = load_file(str(out / "model.safetensors"))
+    assert any(k.startswith("encoder.stages.") for k in sd)
+    assert not any(k.startswith("target_") for k in sd)  # the EMA target is training state, not weights
+
+
+def test_simtrot_refuses_a_single_volume_batch(images, cache, tmp_path):
+    res = CliRunner().invoke(cli, ["pretrain", str(images), str(tmp_path / "x"), "--method", "simtrot",
+                                   "--batch-size", "1", "--steps", "1", "--cache-dir", str(cache), *COMMON])
+    assert res.exit_code != 0
+    assert "--batch-size must be >= 2" in str(res.exception) + res.output

@@ -36,6 +36,9 @@ from s3d.cli.options import device_option, patch_size_option, resume_option, see
 @click.option("--token-stage", type=int, default=-1, show_default=True,
               help="simtrot/btrot: encoder stage whose feature-map voxels are the tokens (-1: bottleneck).")
 @click.option("--ema-decay", type=float, default=0.99, show_default=True, help="btrot: EMA decay of the target.")
+@click.option("--flip-views", is_flag=True,
+              help="simtrot/btrot: draw view B's transform from the 48 rotations x mirror flips instead of the "
+                   "24 proper rotations.")
 @click.option("--no-augment", is_flag=True,
               help="Disable the minor spatial augmentation (scaling, rotation, mirroring) that is on by default.")
 @seed_option
@@ -51,7 +54,8 @@ from s3d.cli.options import device_option, patch_size_option, resume_option, see
               help="Where preprocessed folders are cached (default: $S3D_CACHE/preprocessed or ~/.cache/s3d/...).")
 def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_size: int, steps: int, lr: float,
              spacing, mask_ratio: str, mask_block, temperature: float, same_position_weight: float,
-             token_stage: int, ema_decay: float, no_augment: bool, seed: int, device: str, resume: bool,
+             token_stage: int, ema_decay: float, flip_views: bool, no_augment: bool, seed: int, device: str,
+             resume: bool,
              checkpoint_every: int, amp: str, jobs: int, cache_dir) -> None:
     """Pre-train an encoder without labels: s3d pretrain DATA... OUTPUT.
 
@@ -82,6 +86,7 @@ def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_
         mask_block=tuple(mask_block) if mask_block else None, temperature=temperature,
         same_position_weight=same_position_weight, token_stage=token_stage,
         view_mask_ratio=float(mask_ratio) if method != "mae" else 0.75, ema_decay=ema_decay,
+        flip_views=flip_views,
     )
     out = run(data, output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir)
     click.echo(f"pre-trained weights in {out} (fine-tune with: s3d finetune DATASET RUN --weights {out})")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from s3d.nn.contrastive import random_ops, rotate_batch
+from s3d.rotations import random_ops, rotate_batch
 
 
 @dataclass

@@ -54,6 +54,7 @@ class PretrainConfig:
     token_stage: int = -1  # encoder stage whose voxels are the tokens; -1 = bottleneck
     view_mask_ratio: float = 0.75  # SimTROT masking of view A
     ema_decay: float = 0.99  # BYOL target
+    flip_views: bool = False  # SimTROT: rotations x mirror flips (48 ops) instead of the 24 rotations
     proj_dim: int = 128
 
     def to_dict(self) -> dict:
@@ -128,7 +129,7 @@ class _TokenObjective(nn.Module):
                 x, _ = self.augmenter(x)
         with torch.no_grad():
             v = make_views(x, TextureAugConfig(), mask_ratio=self.cfg.view_mask_ratio,
-                           mask_patch=self.view_mask_patch)
+                           mask_patch=self.view_mask_patch, allow_flip=self.cfg.flip_views)
         self.last = {"image": x[:1].detach(), "view_a": v["view_a"][:1].detach(), "view_b": v["view_b"][:1].detach()}
         return v
 

@@ -432,6 +432,11 @@ def _env_offline() -> bool:
 def _cache_root(cache_dir: str | Path | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir).expanduser().resolve()
+    # read the environment at call time (huggingface_hub reads it once, at import)
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser().resolve()
+    if os.environ.get("HF_HOME"):
+        return (Path(os.environ["HF_HOME"]) / "hub").expanduser().resolve()
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE).expanduser().resolve()

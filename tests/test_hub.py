@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -342,3 +343,40 @@ def test_export_round_trips_and_resolves_from_a_hub_cache(tmp_path, tiny, capsys
     hub.export_run(run, enc_out, encoder_only=True)
     enc = hub.resolve_weights(str(enc_out)).state_dict
     assert set(enc) == set(hub.encoder_state_dict(sd)) and "decoder.seg_layers.0.weight" not in enc
+
+
+def _small_dataset(root: Path, hippocampus_dir: Path, n: int = 4) -> Path:
+    ds = root / "Dataset004_Small"
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    for img in sorted((hippocampus_dir / "imagesTr").glob("*_0000.nii.gz"))[:n]:
+        case = img.name[: -len("_0000.nii.gz")]
+        shutil.copy(img, ds / "imagesTr")
+        shutil.copy(hippocampus_dir / "labelsTr" / f"{case}.nii.gz", ds / "labelsTr")
+    shutil.copy(hippocampus_dir / "dataset.json", ds)
+    return ds
+
+
+def test_finetune_by_registry_name_works_offline_and_fails_clearly_without_cache(
+        nnssl_cache, tiny, hippocampus_dir, tmp_path, monkeypatch, capsys):
+    from s3d.cli import main
+
+    ds = _small_dataset(tmp_path, hippocampus_dir)
+    monkeypatch.setenv("HF_HUB_CACHE", str(nnssl_cache))
+    args = ["finetune", str(ds), str(tmp_path / "ft"), "--weights", "test-tiny", "--steps", "3", "--warmup-steps",
+            "1", "1", "--patch-size", "64", "64", "64", "--val-every", "0", "--device", "cpu", "-j", "1",
+            "--cache-dir", str(tmp_path / "prep")]
+    main(args)  # returns normally on success
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    t = cfg["transfer"]
+    assert t["encoder_tensors_loaded"] == t["encoder_tensors_in_network"] > 0
+    assert cfg["plan"]["target_spacing"] == [1.0, 1.0, 1.0]  # the weights' preprocessing, not the dataset median
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*args[:2], str(tmp_path / "ft2"), *args[3:]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2
+    assert len(err) == 1 and "test-tiny" in err[0] and "s3d weights download" in err[0]
+    assert not (tmp_path / "ft2" / "model.safetensors").exists()

@@ -16,9 +16,9 @@ from s3d.cli.options import device_option
                    "Never modified.")
 @click.option("-o", "--output", "output_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for CASE.nii.gz segmentations, written on exactly each input's grid and header.")
-@click.option("-m", "--model", required=True,
-              help="A run folder of `s3d finetune` (model.safetensors + config.json) or a segmentation "
-                   "weights name/Hub id.")
+@click.option("-m", "--model", "--weights", "model", required=True,
+              help="A run folder of `s3d finetune` (model.safetensors + config.json), or segmentation weights by "
+                   "registry name or Hub repo owner/name[@rev] (downloaded to the Hugging Face cache).")
 @click.option("--step-size", type=click.FloatRange(0.05, 1.0), default=0.5, show_default=True,
               help="Sliding-window step as a fraction of the patch size (smaller: more overlap, slower).")
 @click.option("--no-tta", is_flag=True, help="Disable mirroring test-time augmentation (8x faster, slightly worse).")

@@ -212,8 +212,10 @@ def train(
 
     model: nn.Module = objective
     if world > 1:
+        # static_graph: the same parameters go unused at every step (seg heads that deep supervision
+        # weighs 0, the MAE decoder's unused heads), which plain DDP rejects as an error.
         model = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None
+            objective, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
         )
 
     logger = _Logger(run_dir / "log.csv") if main_rank else None

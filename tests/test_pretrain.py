@@ -45,7 +45,11 @@ def mae_run(images, cache, tmp_path_factory):
 def test_mae_run_has_encoder_weights_config_log_and_preview(mae_run):
     cfg = json.loads((mae_run / "config.json").read_text())
     assert cfg["kind"] == "pretrain" and cfg["method"] == "mae" and cfg["step"] == 4
-    assert cfg["mask_ratio"] == "0.6-0.9" and cfg["mask_block"] == [16, 16, 16]  # 32^3 patch, 2^3 bottleneck
+    # default block = patch / bottleneck = the network's total stride (S3D: 32 for 160^3 into 5^3)
+    total = [1, 1, 1]
+    for stride in cfg["network"]["strides"]:
+        total = [t * s for t, s in zip(total, stride, strict=True)]
+    assert cfg["mask_ratio"] == "0.6-0.9" and cfg["mask_block"] == total and total[0] > 1
     sd = load_file(str(mae_run / "model.safetensors"))
     assert any(k.startswith("encoder.stem.") for k in sd) and any(k.startswith("mask_tokens.") for k in sd)
     rows = list(csv.DictReader((mae_run / "log.csv").open()))

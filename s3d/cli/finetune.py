@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from s3d.cli.options import device_option, patch_size_option, resume_option, seed_option, steps_option
+from s3d.cli.options import (
+    amp_option,
+    cache_dir_option,
+    device_option,
+    jobs_option,
+    patch_size_option,
+    resume_option,
+    seed_option,
+    steps_option,
+)
 
 
 @click.command()
@@ -47,13 +56,9 @@ from s3d.cli.options import device_option, patch_size_option, resume_option, see
 @click.option("--no-deep-supervision", is_flag=True, help="Train on the full-resolution output only.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True,
               help="Save weights and the resumable state every N steps.")
-@click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True,
-              help="Mixed precision: auto uses bf16 autocast on CUDA and full precision on CPU.")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Processes for preprocessing a raw dataset.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where preprocessed raw datasets are cached. Default: $S3D_CACHE/preprocessed or "
-                   "~/.cache/s3d/preprocessed.")
+@amp_option
+@jobs_option
+@cache_dir_option
 def finetune(dataset: Path, output: Path, arch: str, patch_size, batch_size: int, steps: int, val_every: int,
              fold: int, val_fraction, train_cases, seed: int, device: str, resume: bool, weights, from_scratch: bool,
              lr, warmup_steps, spacing, no_deep_supervision: bool, checkpoint_every: int, amp: str, jobs: int,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 device_option = click.option(
@@ -30,3 +32,16 @@ def patch_size_option(default: tuple[int, int, int] | None, extra: str = "") -> 
         show_default=default is not None,
         help=f"Training patch size in voxels (X Y Z). {extra}".strip(),
     )
+
+amp_option = click.option(
+    "--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True,
+    help="Mixed precision: auto uses bf16 autocast on CUDA and full precision on CPU.",
+)
+jobs_option = click.option(
+    "-j", "--jobs", type=click.IntRange(min=1), default=2, show_default=True,
+    help="Processes for preprocessing raw image folders (done once, then cached).",
+)
+cache_dir_option = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where preprocessed raw folders are cached. Default: $S3D_CACHE/preprocessed or ~/.cache/s3d/preprocessed.",
+)

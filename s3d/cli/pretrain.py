@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from s3d.cli.options import device_option, patch_size_option, resume_option, seed_option, steps_option
+from s3d.cli.options import (
+    amp_option,
+    cache_dir_option,
+    device_option,
+    jobs_option,
+    patch_size_option,
+    resume_option,
+    seed_option,
+    steps_option,
+)
 
 
 @click.command()
@@ -46,12 +55,9 @@ from s3d.cli.options import device_option, patch_size_option, resume_option, see
 @resume_option
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True,
               help="Save weights, state and a preview PNG (input, masked input, reconstruction) every N steps.")
-@click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True,
-              help="Mixed precision: auto uses bf16 autocast on CUDA and full precision on CPU.")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Processes for preprocessing raw image folders.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where preprocessed folders are cached (default: $S3D_CACHE/preprocessed or ~/.cache/s3d/...).")
+@amp_option
+@jobs_option
+@cache_dir_option
 def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_size: int, steps: int, lr: float,
              spacing, mask_ratio: str, mask_block, temperature: float, same_position_weight: float,
              token_stage: int, ema_decay: float, flip_views: bool, no_augment: bool, seed: int, device: str,

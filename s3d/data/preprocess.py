@@ -191,6 +191,18 @@ def normalize(data: np.ndarray, plan: Plan, seg: np.ndarray | None = None) -> np
     return out
 
 
+def _target(shape: tuple[int, ...], old_spacing: Sequence[float], new_spacing: Sequence[float] | None,
+            new_shape: Sequence[int] | None, anisotropy_threshold: float) -> tuple[Sequence[int], int | None]:
+    """Output shape and the axis to treat as anisotropic, from either a target spacing or a shape."""
+    if new_shape is None:
+        if new_spacing is None:
+            raise ValueError("give new_spacing or new_shape")
+        new_shape = shape_for_spacing(shape, old_spacing, new_spacing)
+    if new_spacing is None:
+        new_spacing = [o * s / n for o, s, n in zip(old_spacing, shape, new_shape, strict=True)]
+    return new_shape, anisotropic_axis(old_spacing, new_spacing, anisotropy_threshold)
+
+
 def resample_image(
     data: np.ndarray | torch.Tensor,
     old_spacing: Sequence[float],
@@ -202,14 +214,7 @@ def resample_image(
 ) -> np.ndarray | torch.Tensor:
     """data (C,i,j,k) from old_spacing to new_spacing (or new_shape), `order` in plane and nearest
     along an anisotropic axis (nnU-Net separate-z rule, see s3d.data.resample)."""
-    shape = tuple(data.shape[-3:])
-    if new_shape is None:
-        if new_spacing is None:
-            raise ValueError("give new_spacing or new_shape")
-        new_shape = shape_for_spacing(shape, old_spacing, new_spacing)
-    if new_spacing is None:
-        new_spacing = [o * s / n for o, s, n in zip(old_spacing, shape, new_shape, strict=True)]
-    axis = anisotropic_axis(old_spacing, new_spacing, anisotropy_threshold)
+    new_shape, axis = _target(tuple(data.shape[-3:]), old_spacing, new_spacing, new_shape, anisotropy_threshold)
     return resample_to_shape(data, new_shape, axis_orders(order, axis))
 
 
@@ -223,14 +228,7 @@ def resample_label(
 ) -> np.ndarray | torch.Tensor:
     """Label map (i,j,k) from old_spacing to new_spacing (or new_shape): one-hot linear in plane,
     nearest along an anisotropic axis, argmax (nnU-Net resize_segmentation, order 1, order_z 0)."""
-    shape = tuple(seg.shape[-3:])
-    if new_shape is None:
-        if new_spacing is None:
-            raise ValueError("give new_spacing or new_shape")
-        new_shape = shape_for_spacing(shape, old_spacing, new_spacing)
-    if new_spacing is None:
-        new_spacing = [o * s / n for o, s, n in zip(old_spacing, shape, new_shape, strict=True)]
-    axis = anisotropic_axis(old_spacing, new_spacing, anisotropy_threshold)
+    new_shape, axis = _target(tuple(seg.shape[-3:]), old_spacing, new_spacing, new_shape, anisotropy_threshold)
     return _resample_label_to_shape(seg, new_shape, axis_orders(1, axis))
 
 

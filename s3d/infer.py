@@ -88,6 +88,7 @@ def sliding_window_predict(
     logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=acc_device)
     weights = torch.zeros(padded, dtype=torch.float32, device=acc_device)
     mirrors = _mirror_sets(mirror_axes)
+    max_forward = max(batch_size, len(mirrors))
     image = image.to(device, dtype=torch.float32)
 
     bar = tqdm(total=len(starts), desc="windows", disable=not progress, leave=False)
@@ -95,17 +96,18 @@ def sliding_window_predict(
         chunk = starts[i : i + batch_size]
         x = torch.stack([image[:, s[0] : s[0] + patch[0], s[1] : s[1] + patch[1], s[2] : s[2] + patch[2]]
                          for s in chunk])
-        pred = None
-        for axes in mirrors:
-            dims = [a + 2 for a in axes]
-            xin = torch.flip(x, dims) if dims else x
+        # All mirrorings of the chunk go through the network together (one forward of up to
+        # `max_forward` windows): on CPU a batch of 8 costs ~0.7x eight batches of 1.
+        stacked = torch.cat([torch.flip(x, [a + 2 for a in axes]) if axes else x for axes in mirrors])
+        outs = []
+        for j in range(0, stacked.shape[0], max_forward):
             with torch.autocast(device.type, enabled=autocast):
-                out = network(xin)
+                out = network(stacked[j : j + max_forward])
             if isinstance(out, (list, tuple)):
                 out = out[0]
-            out = out.float()
-            out = torch.flip(out, dims) if dims else out
-            pred = out if pred is None else pred + out
+            outs.append(out.float())
+        outs = torch.cat(outs).split(x.shape[0])
+        pred = sum(torch.flip(o, [a + 2 for a in axes]) if axes else o for o, axes in zip(outs, mirrors, strict=True))
         pred = pred / len(mirrors) * gauss
         pred = pred.to(acc_device)
         g = gauss.to(acc_device)

@@ -223,3 +223,19 @@ def test_sgd_lowers_loss_on_real_images(resenc, hippocampus_dir):
         torch.set_num_threads(threads)
     assert np.isfinite(final)
     assert final < 0.8 * losses[0], losses
+
+
+def test_loss_ignores_padding_outside_the_image():
+    from s3d.nn.mae import MaskedMSELoss
+
+    g = torch.Generator().manual_seed(0)
+    recon, target = torch.randn(2, 1, 8, 8, 8, generator=g), torch.randn(2, 1, 8, 8, 8, generator=g)
+    mask = torch.zeros(2, 1, 8, 8, 8)  # everything hidden
+    valid = torch.zeros(2, 1, 8, 8, 8)
+    valid[:, :, :5] = 1  # the image ends at i = 5, the rest is padding
+    loss = MaskedMSELoss()(recon, target, mask, valid)
+    brute = ((recon - target)[:, :, :5] ** 2).mean()
+    assert float(loss) == pytest.approx(float(brute), rel=1e-6)
+    recon2 = recon.clone()
+    recon2[:, :, 5:] += 100.0  # errors in the padding do not count
+    assert float(MaskedMSELoss()(recon2, target, mask, valid)) == pytest.approx(float(loss), rel=1e-6)

@@ -65,3 +65,14 @@ def test_channels_as_samples_gives_single_channel_unlabeled_batches():
     b = next(iter(ds))
     assert b["image"].shape == (12, 1, 8, 8, 8) and "seg" not in b
     assert set(np.unique(b["image"].numpy())) == {0.0, 1.0, 2.0}
+
+
+def test_valid_mask_marks_the_padding():
+    data = np.random.default_rng(0).normal(size=(1, 10, 12, 6)).astype(np.float32)
+    ds = PatchDataset([_Case(data, None)], (16, 16, 16), batch_size=2, oversample_foreground=0,
+                      with_valid_mask=True)
+    b = next(iter(ds))
+    valid = b["valid"].numpy()
+    assert valid.shape == (2, 1, 16, 16, 16) and valid.sum(axis=(1, 2, 3, 4)).tolist() == [10 * 12 * 6] * 2
+    assert (b["image"].numpy()[valid == 0] == 0).all()
+    assert (b["image"].numpy()[valid == 1] != 0).all()

@@ -44,7 +44,8 @@ def sample_patch(
     rng: np.random.Generator,
     force_fg: bool = False,
     class_locations: dict | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
+    return_valid: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None] | tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """One patch (C, *patch) and its labels (*patch) or None.
 
     force_fg: pick a foreground class present in the case uniformly, then one of its voxels, and
@@ -67,6 +68,8 @@ def sample_patch(
         start = [int(rng.integers(a, b + 1)) for a, b in zip(lo, hi, strict=True)]
     img = crop_patch(data, start, patch_size, 0)
     lab = crop_patch(seg, start, patch_size, 0) if seg is not None else None
+    if return_valid:  # 1 inside the volume, 0 in the padding
+        return img, lab, crop_patch(np.ones((1, *shape), np.uint8), start, patch_size, 0)
     return img, lab
 
 
@@ -77,12 +80,13 @@ class PatchDataset(IterableDataset):
     foreground (nnU-Net: 1/3). Randomness is a function of (seed, rank, worker), so DDP ranks and
     DataLoader workers draw different patches reproducibly. Loaded cases are kept in an LRU cache
     of `cache_bytes`. channels_as_samples: each sample is one channel of a case (S3D pre-training
-    feeds one modality at a time), so the batch has C = 1.
+    feeds one modality at a time), so the batch has C = 1. with_valid_mask: also yield "valid"
+    (B,1,*patch) uint8, 1 inside the volume and 0 in the padding.
     """
 
     def __init__(self, cases: list, patch_size: Sequence[int], batch_size: int, oversample_foreground: float = 1 / 3,
                  seed: int = 0, rank: int = 0, world_size: int = 1, channels_as_samples: bool = False,
-                 cache_bytes: int = 4 << 30) -> None:
+                 cache_bytes: int = 4 << 30, with_valid_mask: bool = False) -> None:
         super().__init__()
         if not cases:
             raise ValueError("PatchDataset needs at least one case")
@@ -92,6 +96,7 @@ class PatchDataset(IterableDataset):
         self.n_fg = int(round(batch_size * oversample_foreground))
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_as_samples = channels_as_samples
+        self.with_valid_mask = with_valid_mask
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
         self.labeled = all(getattr(c, "has_seg", False) for c in self.cases)
@@ -115,7 +120,7 @@ class PatchDataset(IterableDataset):
             yield self.batch(rng)
 
     def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        images, segs = [], []
+        images, segs, valids = [], [], []
         for i in range(self.batch_size):
             idx = int(rng.integers(len(self.cases)))
             case = self.cases[idx]
@@ -125,11 +130,14 @@ class PatchDataset(IterableDataset):
                 data = data[c : c + 1]
             force = i >= self.batch_size - self.n_fg
             locs = getattr(case, "class_locations", None) if seg is not None else None
-            img, lab = sample_patch(data, seg, self.patch_size, rng, force_fg=force and seg is not None,
-                                    class_locations=locs)
+            img, lab, valid = sample_patch(data, seg, self.patch_size, rng, force_fg=force and seg is not None,
+                                           class_locations=locs, return_valid=True)
             images.append(img)
+            valids.append(valid)
             segs.append(lab)
         out = {"image": torch.from_numpy(np.stack(images).astype(np.float32, copy=False))}
         if self.labeled and all(s is not None for s in segs):
             out["seg"] = torch.from_numpy(np.stack(segs)[:, None].astype(np.int64))
+        if self.with_valid_mask:
+            out["valid"] = torch.from_numpy(np.stack(valids))
         return out

@@ -29,10 +29,15 @@ class MaskedMSELoss(nn.Module):
     contribute nothing. With no masked voxel at all the loss is 0 (still attached to the graph).
     """
 
-    def forward(self, recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """`valid` (B,1,...) 1 inside the image, 0 where the patch was padded beyond it: padding is
+        trivially "reconstructed" and would otherwise dilute the loss on small volumes."""
         if recon.shape != target.shape:
             raise ValueError(f"MaskedMSELoss: recon shape {tuple(recon.shape)} != target shape {tuple(target.shape)}")
         hidden = (1.0 - mask.float()).expand_as(recon)
+        if valid is not None:
+            hidden = hidden * valid.float().expand_as(recon)
         # float32 accumulation: under autocast recon may be half precision and the sum is over ~10^6 voxels
         sq = (recon.float() - target.float()).square()
         n_masked = hidden.sum()

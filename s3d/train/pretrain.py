@@ -83,13 +83,14 @@ class MAEObjective(nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         from s3d.nn.masking import random_block_mask
 
-        x = batch["image"]
+        x, valid = batch["image"], batch.get("valid")
         if self.augmenter is not None:
             with torch.no_grad():
-                x, _ = self.augmenter(x)
+                # the padding mask moves with the image (nearest), like a label map
+                x, valid = self.augmenter(x, valid.long() if valid is not None else None)
         mask = random_block_mask(x.shape[0], self.patch_size, self.block_size, self.mask_ratio, device=x.device)
         recon = self.model(x, mask)
-        loss = self.loss(recon, x, mask)
+        loss = self.loss(recon, x, mask, valid)
         self.last = {"image": x[:1].detach(), "mask": mask[:1].detach(), "recon": recon[:1].detach()}
         return loss, {"visible": float(mask.mean())}
 
@@ -300,7 +301,8 @@ def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *,
     def make_batches(start_step: int):
         return iter(PatchDataset(cases, cfg.patch_size, cfg.batch_size, oversample_foreground=0.0,
                                  seed=cfg.seed * 100003 + start_step, rank=int(os.environ.get("RANK", 0)),
-                                 world_size=int(os.environ.get("WORLD_SIZE", 1)), channels_as_samples=True))
+                                 world_size=int(os.environ.get("WORLD_SIZE", 1)), channels_as_samples=True,
+                                 with_valid_mask=cfg.method == "mae"))
 
     def export(obj: nn.Module, step: int) -> None:
         state = {k: v for k, v in obj.state_dict().items()

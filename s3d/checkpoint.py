@@ -7,11 +7,8 @@ leaves a half-written checkpoint behind; the previous one stays valid until the 
 
 from __future__ import annotations
 
-import json
-import os
 import random
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from s3d.errors import S3DError
+from s3d.files import atomic_path, json_safe, read_json, write_json  # noqa: F401 - re-exported
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -28,56 +26,12 @@ STATE_FILE = "state.safetensors"
 STATE_JSON = "state.json"
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically; NaN/inf become null so every JSON reader accepts the file."""
-    with _atomic(Path(path)) as tmp:
-        tmp.write_text(json.dumps(_json_safe(obj), indent=2) + "\n")
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise S3DError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise S3DError(f"{path}: not valid JSON ({e})") from None
-
-
 def save_tensors(
     path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """safetensors file, atomically; tensors are made contiguous CPU copies (shared storage is allowed)."""
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with _atomic(Path(path)) as tmp:
+    with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
 
 
@@ -161,8 +115,8 @@ def save_training_state(
         "step": int(step),
         "optimizer": opt_meta,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "rng_numpy": _json_safe(list(np.random.get_state())),
-        "rng_python": _json_safe(list(random.getstate())),
+        "rng_numpy": json_safe(list(np.random.get_state())),
+        "rng_python": json_safe(list(random.getstate())),
         "extra": extra or {},
     }
     # Both files carry the step, so a kill between the two renames is detected at load time.

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from s3d.errors import S3DError
+from s3d.files import json_safe
 
 __all__ = ["evaluate_folders", "write_summary", "resolve_labels", "METRIC_KEYS"]
 
@@ -30,20 +31,6 @@ CSV_COLUMNS = ("reference_file", "prediction_file", "label", "name", "Dice", "NS
 # Two grids are "the same" when shapes agree and affines agree to this (mm), as nnU-Net's
 # verify_dataset_integrity tolerates header round-off.
 AFFINE_ATOL = 1e-4
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x
 
 
 def _suffixes() -> tuple[str, ...]:
@@ -197,7 +184,7 @@ def evaluate_folders(ref_dir: str | Path, pred_dir: str | Path,
         "reference_dir": str(ref_dir),
         "prediction_dir": str(pred_dir),
     }
-    summary = _json_safe(summary)
+    summary = json_safe(summary)
     if output is not None:
         write_summary(summary, output)
     return summary
@@ -246,7 +233,7 @@ def write_summary(summary: dict[str, Any], output: str | Path) -> tuple[Path, Pa
     csv_path = output.with_suffix(".csv")
     if csv_path == output:
         raise S3DError(f"{output}: the summary must not be a .csv file (the CSV goes next to it)")
-    text = json.dumps(_json_safe(summary), indent=2, allow_nan=False)
+    text = json.dumps(json_safe(summary), indent=2, allow_nan=False)
     with atomic_path(output) as tmp:
         Path(tmp).write_text(text + "\n")
     names = summary.get("labels", {})

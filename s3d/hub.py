@@ -632,13 +632,10 @@ def resolve_weights(spec: str, cache_dir: str | Path | None = None, local_files_
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    from s3d.files import atomic_path
+
+    with atomic_path(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _public_config(config: dict) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from s3d.checkpoint import _atomic
+from s3d.files import atomic_path
 
 
 def write_png(path: str | Path, gray: np.ndarray) -> None:
@@ -22,7 +22,7 @@ def write_png(path: str | Path, gray: np.ndarray) -> None:
 
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    with _atomic(Path(path)) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(png)
 
 

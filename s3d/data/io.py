@@ -11,7 +11,7 @@ import base64
 import contextlib
 import gzip
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.volumeutils import array_to_file
 
 from s3d.errors import S3DError
+from s3d.files import atomic_path  # noqa: F401 - part of this module's API (docs/design.md)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -79,20 +80,6 @@ class Geometry:
     def origin(self) -> np.ndarray:
         """World RAS+ position of voxel (0, 0, 0)."""
         return self.affine[:3, 3].copy()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield `<path>.tmp-<pid>`; renamed onto `path` when the block succeeds, removed when it fails."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def _suffix(path: Path) -> str:

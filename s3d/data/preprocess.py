@@ -44,6 +44,7 @@ from s3d.data.resample import (
 )
 from s3d.data.resample import resample_label as _resample_label_to_shape
 from s3d.errors import S3DError
+from s3d.files import read_json, write_json
 
 NORMALIZATIONS = ("zscore", "ct", "none")
 # nnU-Net sample_foreground_locations: up to 10000 voxels per class, but at least 1 % of the class
@@ -346,36 +347,6 @@ def _restore_cropped(probs: np.ndarray | torch.Tensor, props: dict) -> np.ndarra
 
 
 # ------------------------------------------------------------------------------- dataset level
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
-    from s3d.data.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=indent))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise S3DError(f"{path}: file not found") from None
-    except (OSError, ValueError) as e:
-        raise S3DError(f"{path}: cannot read JSON ({' '.join(str(e).split())})") from e
-
-
 def _worker_init() -> None:
     # each worker is one of `jobs` processes: more torch threads would only fight over the cores
     torch.set_num_threads(1)
@@ -634,14 +605,14 @@ def _preprocess_one(args: tuple) -> tuple[str, bool]:
         np.savez(f, **arrays)
     props.update(case_id=case.case_id, shape=list(data.shape[1:]), has_seg=seg_out is not None,
                  num_channels=int(data.shape[0]), plan_digest=digest)
-    _write_json(meta, props, indent=None)  # last: an existing CASE.json means the npz beside it is complete
+    write_json(meta, props, indent=None)  # last: an existing CASE.json means the npz beside it is complete
     return case.case_id, True
 
 
 def _dataset_json(ds: Any) -> dict:
     src = Path(ds.root) / "dataset.json"
     if getattr(ds, "kind", "") == "nnunet" and src.is_file():
-        return _read_json(src)
+        return read_json(src)
     return {
         "channel_names": {str(k): v for k, v in ds.channel_names.items()},
         "labels": dict(ds.labels),
@@ -673,7 +644,7 @@ def preprocess_dataset(
         raise S3DError(f"{out_dir}: output folder must differ from the input dataset")
     plan_file = out_dir / "plan.json"
     if plan_file.exists() and not overwrite:
-        old = _read_json(plan_file)
+        old = read_json(plan_file)
         if Plan.from_dict(old).to_dict() != plan.to_dict():
             raise S3DError(f"{plan_file}: folder was preprocessed with a different plan; use --overwrite or "
                            "another output folder")
@@ -690,14 +661,14 @@ def preprocess_dataset(
             stem = p.name.split(".tmp-")[0].removesuffix(".npz").removesuffix(".json")
             if stem not in keep or ".tmp-" in p.name:
                 p.unlink() if p.is_file() else shutil.rmtree(p)
-    _write_json(out_dir / "dataset.json", _dataset_json(ds))
+    write_json(out_dir / "dataset.json", _dataset_json(ds), indent=1)
     if fingerprint is not None:
-        _write_json(out_dir / "fingerprint.json", fingerprint)
+        write_json(out_dir / "fingerprint.json", fingerprint, indent=1)
     plan_dict, digest = plan.to_dict(), plan.digest()
     work = [(c, cases_dir, plan_dict, digest, overwrite) for c in ds.cases]
     for _ in _map(_preprocess_one, work, jobs, "preprocess"):
         pass
-    _write_json(plan_file, plan_dict)
+    write_json(plan_file, plan_dict, indent=1)
     return out_dir
 
 
@@ -750,13 +721,13 @@ def load_preprocessed(out_dir: str | Path) -> tuple[Plan, list[PreprocessedCase]
     plan_file = out_dir / "plan.json"
     if not plan_file.is_file():
         raise S3DError(f"{out_dir}: not a finished preprocessed folder (no plan.json); run `s3d preprocess`")
-    plan = Plan.from_dict(_read_json(plan_file))
+    plan = Plan.from_dict(read_json(plan_file))
     cases = []
     for meta in sorted((out_dir / "cases").glob("*.json")):
         npz = meta.with_suffix(".npz")
         if not npz.is_file():
             continue
-        props = _read_json(meta)
+        props = read_json(meta)
         cases.append(PreprocessedCase(
             case_id=str(props.get("case_id", meta.stem)),
             path=npz,

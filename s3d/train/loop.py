@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from s3d.checkpoint import has_training_state, load_training_state, save_training_state
 from s3d.errors import S3DError
+from s3d.files import atomic_path
 
 
 @dataclass
@@ -146,12 +147,10 @@ class _Logger:
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(self.rows)
-        os.replace(tmp, self.path)
 
 
 def _mean_logs(logs: list[dict[str, float]]) -> dict[str, float]:

@@ -1,0 +1,67 @@
+"""Atomic file writes and JSON that every reader accepts: one implementation for the whole package.
+
+A kill, a full disk or an exception never leaves a half-written file under the final name: content
+goes to `<name>.tmp-<pid>` in the same folder and is renamed when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from s3d.errors import S3DError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield `<path>.tmp-<pid>`; renamed onto `path` when the block succeeds, removed when it fails."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def json_safe(obj: Any) -> Any:
+    """Plain JSON types: numpy scalars/arrays and paths converted, NaN/inf become None (null)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
+    """Write `obj` as JSON atomically (see `json_safe`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Parsed JSON, or an S3DError naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise S3DError(f"{path}: file not found") from None
+    except (OSError, ValueError) as e:
+        raise S3DError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None

@@ -12,7 +12,6 @@ during the decoder warm-up.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from s3d import __version__
 from s3d.checkpoint import read_json, save_model, write_json
 from s3d.errors import S3DError
 from s3d.nn.losses import DeepSupervisionLoss, DiceCELoss
+from s3d.train.cache import default_cache_dir, preprocessed_folder  # noqa: F401 - default_cache_dir re-exported
 from s3d.train.loop import Phase, TrainConfig, train
 
 SPLIT_SEED = 12345  # nnU-Net also uses a fixed seed (12345) for its 5-fold split
@@ -88,30 +88,9 @@ def split_cases(case_ids: list[str], cfg: FinetuneConfig) -> tuple[list[str], li
     return sorted(train_ids), sorted(val)
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("S3D_CACHE", Path.home() / ".cache" / "s3d")) / "preprocessed"
-
-
-def prepare_data(dataset: Path, spacing, jobs: int = 1, cache_dir: Path | None = None) -> Path:
-    """A preprocessed folder for `dataset`: used as-is when it already is one (has plan.json),
-    otherwise the raw nnU-Net dataset is validated and preprocessed into a cache keyed by its path
-    and the spacing, and reused on the next run."""
-    from s3d.data.dataset import find_dataset
-    from s3d.data.preprocess import plan_dataset, preprocess_dataset
-
-    dataset = Path(dataset)
-    if (dataset / "plan.json").exists():
-        return dataset
-    ds = find_dataset(dataset)
-    if not any(c.label is not None for c in ds.cases):
-        raise S3DError(f"{dataset}: no labels found (labelsTr/); fine-tuning needs a labeled nnU-Net dataset")
-    key = hashlib.sha1(f"{dataset.resolve()}|{spacing}".encode()).hexdigest()[:10]
-    out = (cache_dir or default_cache_dir()) / f"{dataset.name}_{key}"
-    if not (out / "plan.json").exists():
-        tqdm.write(f"preprocessing {dataset} into {out}")
-        plan, _ = plan_dataset(ds, spacing=spacing if spacing is not None else "median")
-        preprocess_dataset(ds, out, plan, jobs=jobs)
-    return out
+def prepare_data(dataset: Path, spacing, jobs: int = 1, cache_dir: Path | None = None) -> Path:  # noqa: ANN001
+    """A preprocessed folder for the labeled `dataset` (see `s3d.train.cache.preprocessed_folder`)."""
+    return preprocessed_folder(dataset, spacing, require_labels=True, jobs=jobs, cache_dir=cache_dir)
 
 
 class SegmentationObjective(nn.Module):

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from s3d import __version__
 from s3d.checkpoint import read_json, save_model, write_json
@@ -220,25 +219,13 @@ def network_config(cfg: PretrainConfig):  # noqa: ANN201 - ResEncConfig
 def prepare_unlabeled(folders: list[Path], spacing, jobs: int = 1, cache_dir: Path | None = None) -> list:
     """Preprocessed cases of every folder (raw image folders are preprocessed at `spacing` with
     z-score normalisation into the cache and reused)."""
-    import hashlib
-
-    from s3d.data.dataset import find_dataset
-    from s3d.data.preprocess import load_preprocessed, plan_dataset, preprocess_dataset
-    from s3d.train.finetune import default_cache_dir
+    from s3d.data.preprocess import load_preprocessed
+    from s3d.train.cache import preprocessed_folder
 
     cases = []
     for folder in folders:
-        folder = Path(folder)
-        if (folder / "plan.json").exists():
-            out = folder
-        else:
-            key = hashlib.sha1(f"{folder.resolve()}|{tuple(spacing)}|pretrain".encode()).hexdigest()[:10]
-            out = (cache_dir or default_cache_dir()) / f"{folder.name}_{key}"
-            if not (out / "plan.json").exists():
-                tqdm.write(f"preprocessing {folder} into {out}")
-                ds = find_dataset(folder)
-                plan, _ = plan_dataset(ds, spacing=tuple(spacing), norm="zscore")
-                preprocess_dataset(ds, out, plan, jobs=jobs)
+        out = preprocessed_folder(folder, tuple(spacing), norm="zscore", tag="pretrain", jobs=jobs,
+                                  cache_dir=cache_dir)
         _, found = load_preprocessed(out)
         cases += found
     if not cases:

@@ -55,7 +55,7 @@ def sliding_window_predict(
     mirror_axes: Sequence[int] | None = None,
     batch_size: int = 2,
     device: torch.device | str | None = None,
-    autocast: bool = False,
+    autocast: torch.dtype | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Logits (K, X, Y, Z) float32 on the CPU for an image (C, X, Y, Z).
@@ -64,6 +64,8 @@ def sliding_window_predict(
     of `batch_size`, each weighted by a Gaussian, and the weighted sum is divided by the summed
     weights. With `mirror_axes` (spatial axes 0..2) the logits of all 2^k mirrorings are averaged
     (nnU-Net's test-time augmentation). Deep-supervision networks: the first output is used.
+    `autocast`: a reduced precision for the network's forward (e.g. torch.bfloat16), None for full
+    precision; the Gaussian-weighted accumulation stays float32 either way.
     """
     device = torch.device(device) if device is not None else image.device
     patch = tuple(int(p) for p in patch_size)
@@ -101,7 +103,7 @@ def sliding_window_predict(
         stacked = torch.cat([torch.flip(x, [a + 2 for a in axes]) if axes else x for axes in mirrors])
         outs = []
         for j in range(0, stacked.shape[0], max_forward):
-            with torch.autocast(device.type, enabled=autocast):
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 out = network(stacked[j : j + max_forward])
             if isinstance(out, (list, tuple)):
                 out = out[0]

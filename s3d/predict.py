@@ -22,6 +22,7 @@ class Predictor:
     network: torch.nn.Module
     config: dict
     device: torch.device
+    amp: torch.dtype | None = None  # autocast dtype of the network's forward, None = full precision
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -36,11 +37,15 @@ class Predictor:
         return int(self.config["network"]["num_classes"])
 
 
-def load_predictor(model: str | Path, device: str = "auto") -> Predictor:
-    """A segmentation model from a run folder (model.safetensors + config.json) or a weights name."""
+def load_predictor(model: str | Path, device: str = "auto", amp: str = "auto") -> Predictor:
+    """A segmentation model from a run folder (model.safetensors + config.json) or a weights name.
+
+    `amp`: "auto" (bf16 autocast on CUDA, full precision on CPU), "off", "bf16" or "fp16"; on CPUs
+    with AMX / AVX512-BF16, "bf16" runs the network ~2.5x faster (see benchmarks/README.md).
+    """
     from s3d.checkpoint import load_model
     from s3d.nn.resenc import ResEncConfig, ResEncUNet
-    from s3d.train.loop import resolve_device
+    from s3d.train.loop import amp_dtype, resolve_device
 
     path = Path(model)
     if path.is_dir():
@@ -61,7 +66,7 @@ def load_predictor(model: str | Path, device: str = "auto") -> Predictor:
     network.load_state_dict(state)
     dev = resolve_device(device)
     network.to(dev).eval()
-    return Predictor(network, config, dev)
+    return Predictor(network, config, dev, amp_dtype(amp, dev))
 
 
 def predict_case(
@@ -90,6 +95,7 @@ def predict_case(
         mirror_axes=(0, 1, 2) if tta else None,
         batch_size=batch_size,
         device=predictor.device,
+        autocast=predictor.amp,
     )
     probs = torch.softmax(logits.float(), 0)
     full = restore_probabilities(probs, props)
@@ -110,6 +116,7 @@ def predict_folder(
     continue_: bool = False,
     device: str = "auto",
     batch_size: int = 2,
+    amp: str = "auto",
 ) -> list[Path]:
     """Predict every case of `input_dir` into `output_dir/CASE<ending>`; returns the written files.
 
@@ -123,7 +130,7 @@ def predict_folder(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if output_dir.resolve() == input_dir.resolve():
         raise S3DError(f"{output_dir}: output folder must differ from the input folder")
-    predictor = load_predictor(model, device)
+    predictor = load_predictor(model, device, amp)
     cases = find_images(input_dir, num_channels=predictor.num_channels)
     if not cases:
         raise S3DError(f"{input_dir}: no images found")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from s3d.cli.options import device_option
+from s3d.cli.options import amp_option, device_option
 
 
 @click.command()
@@ -28,12 +28,13 @@ from s3d.cli.options import device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
               help="Sliding windows per network forward.")
 @device_option
+@amp_option
 def predict(input_dir: Path, output_dir: Path, model: str, step_size: float, no_tta: bool,
-            save_probabilities: bool, continue_: bool, batch_size: int, device: str) -> None:
+            save_probabilities: bool, continue_: bool, batch_size: int, device: str, amp: str) -> None:
     """Segment every image in INPUT with MODEL; write OUTPUT/CASE.nii.gz on the input's grid."""
     from s3d.predict import predict_folder
 
     written = predict_folder(input_dir, output_dir, model, step_size=step_size, tta=not no_tta,
                              save_probabilities=save_probabilities, continue_=continue_, device=device,
-                             batch_size=batch_size)
+                             batch_size=batch_size, amp=amp)
     click.echo(f"{len(written)} segmentations in {output_dir}")

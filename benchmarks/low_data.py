@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from s3d.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("S3D_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -65,6 +69,47 @@ def _draw_plot(results: dict, ns: list, path: Path) -> None:
     write_png(path, img)
 
 
+def _worker_init() -> None:
+    # One thread per worker: two torch processes each using every core slow each other ~8x (OpenMP
+    # spinning); one single-threaded run per core is the fastest way through many small runs.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _pretrain_job(method: str, run: Path, data: list[Path], spec: dict) -> dict:
+    from s3d.train.pretrain import PretrainConfig, pretrain
+
+    t = time.time()
+    cfg = PretrainConfig(method=method, arch=spec["arch"], patch_size=tuple(spec["patch"]),
+                         batch_size=spec["batch"], steps=spec["steps"], device=spec["device"],
+                         checkpoint_every=max(1, spec["steps"] // 10), preview_every=max(1, spec["steps"] // 4))
+    pretrain(data, run, cfg, resume=(run / "state.json").exists())
+    return {"job": run.name, "wall_s": time.time() - t}
+
+
+def _finetune_job(run: Path, prepared: Path, val_imgs: Path, val_refs: Path, labels: dict, spec: dict) -> dict:
+    from s3d.evaluate import evaluate_folders
+    from s3d.predict import predict_folder
+    from s3d.train.finetune import FinetuneConfig, finetune
+
+    summary_path = run / "val_summary.json"
+    t = time.time()
+    if not summary_path.exists():
+        cfg = FinetuneConfig(
+            arch=spec["arch"], patch_size=tuple(spec["patch"]), batch_size=spec["batch"], steps=spec["steps"],
+            val_every=0, fold=0, train_cases=spec["n"], seed=spec["seed"], device=spec["device"],
+            weights=spec["weights"], from_scratch=spec["from_scratch"], checkpoint_every=max(1, spec["steps"] // 4),
+        )
+        finetune(prepared, run, cfg, resume=(run / "state.json").exists())
+        preds = run / "val_predictions"
+        predict_folder(val_imgs, preds, run, device=spec["device"], tta=spec["tta"], continue_=True)
+        summary = evaluate_folders(val_refs, preds, labels, nsd_tolerance=1.0, progress=False)
+        summary["wall_s"] = time.time() - t
+        write_json(summary_path, summary)
+    return {"job": run.name, "wall_s": time.time() - t}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA / "Dataset004_Hippocampus")
@@ -74,18 +119,23 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=["mae", "simtrot"])
     ap.add_argument("--arch", default="resenc-s")
-    ap.add_argument("--patch-size", nargs=3, type=int, default=[48, 64, 48], help="fine-tuning patch (voxels)")
-    ap.add_argument("--pretrain-patch", type=int, default=64, help="cubic pre-training patch edge (voxels)")
-    ap.add_argument("--pretrain-steps", type=int, default=1000)
-    ap.add_argument("--finetune-steps", type=int, default=1000, help="same budget for every arm and N")
+    ap.add_argument("--patch-size", nargs=3, type=int, default=[40, 56, 40],
+                    help="fine-tuning patch (voxels); nnU-Net's plan for this dataset")
+    ap.add_argument("--pretrain-patch", nargs=3, type=int, default=[48, 48, 48],
+                    help="pre-training patch (voxels); it also fixes the network every arm shares")
+    ap.add_argument("--mae-steps", type=int, default=1200)
+    ap.add_argument("--simtrot-steps", type=int, default=500)
+    ap.add_argument("--simtrot-batch", type=int, default=4, help="SimTROT needs other volumes in the batch")
+    ap.add_argument("--finetune-steps", type=int, default=400, help="same budget for every arm and N")
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--tta", action="store_true", help="mirroring TTA when predicting the validation cases")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="runs in parallel, one thread each")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
-    from s3d.evaluate import evaluate_folders
-    from s3d.predict import predict_folder
-    from s3d.train.finetune import FinetuneConfig, finetune, prepare_data, split_cases
-    from s3d.train.pretrain import PretrainConfig, pretrain
+    from s3d.train.finetune import FinetuneConfig, prepare_data, split_cases
+    from s3d.train.pretrain import prepare_unlabeled
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -99,60 +149,78 @@ def main() -> None:
     for c in val_ids:
         if not (val_refs / f"{c}.nii.gz").exists():
             (val_refs / f"{c}.nii.gz").symlink_to((args.data / "labelsTr" / f"{c}.nii.gz").resolve())
+    # Caches are filled here, once, so parallel runs never race to write them.
     prepared = prepare_data(args.data, (1.0, 1.0, 1.0))
+    pretrain_data = [args.unlabeled, train_imgs]
+    if args.methods:
+        prepare_unlabeled(pretrain_data, (1.0, 1.0, 1.0))
     t0 = time.time()
 
-    weights = {}
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx, initializer=_worker_init)
+    base = out / f"pretrain_{args.methods[0]}" if args.methods else None
+    common = {"arch": args.arch, "device": args.device}
+    futures = []
+    pretrained = {}
     for method in args.methods:
-        run = out / f"pretrain_{method}"
-        cfg_file = run / "config.json"
-        done = cfg_file.exists() and json.loads(cfg_file.read_text())["step"] >= args.pretrain_steps
-        if not done:
-            cfg = PretrainConfig(method=method, arch=args.arch, patch_size=(args.pretrain_patch,) * 3,
-                                 batch_size=max(2, args.batch_size), steps=args.pretrain_steps, device=args.device,
-                                 checkpoint_every=max(1, args.pretrain_steps // 4))
-            pretrain([args.unlabeled, train_imgs], run, cfg, resume=(run / "state.json").exists())
-        weights[method] = run
+        steps = args.mae_steps if method == "mae" else args.simtrot_steps
+        batch = args.batch_size if method == "mae" else max(2, args.simtrot_batch)
+        spec = common | {"patch": args.pretrain_patch, "steps": steps, "batch": batch}
+        pretrained[method] = pool.submit(_pretrain_job, method, out / f"pretrain_{method}", pretrain_data, spec)
 
-    arms = {"scratch": None, **weights}
-    base = next(iter(weights.values()), None)
+    def finetune_spec(arm: str, n: str, seed: int) -> dict:
+        weights = out / f"pretrain_{arm}" if arm != "scratch" else base
+        return common | {"patch": args.patch_size, "batch": args.batch_size, "steps": args.finetune_steps,
+                         "n": None if n == "all" else int(n), "seed": seed, "tta": args.tta,
+                         "weights": str(weights) if weights else None,
+                         "from_scratch": arm == "scratch" and base is not None}
+
+    # Every arm trains the network of the pre-training (scratch: that network, randomly initialised), so
+    # fine-tuning starts once pre-training is done. Seed-major order: if the study is cut short, whole
+    # seeds are complete for every arm and N.
+    for f in pretrained.values():
+        print(f.result(), flush=True)
+    arms = ["scratch", *args.methods]
+    for seed in args.seeds:
+        for n in args.ns:
+            for arm in arms:
+                run = out / f"ft_{arm}_n{n}_s{seed}"
+                futures.append(pool.submit(_finetune_job, run, prepared, val_imgs, val_refs, labels,
+                                           finetune_spec(arm, n, seed)))
+    for f in futures:
+        print(f.result(), flush=True)
+    pool.shutdown()
+    report(out, args, arms, len(train_ids), len(val_ids), time.time() - t0)
+
+
+def report(out: Path, args: argparse.Namespace, arms: list[str], n_train: int, n_val: int, wall_s: float) -> None:
     results: dict[str, dict] = {}
-    for arm, w in arms.items():
+    for arm in arms:
         results[arm] = {}
         for n in args.ns:
             per_seed = []
             for seed in args.seeds:
-                run = out / f"ft_{arm}_n{n}_s{seed}"
-                summary_path = run / "val_summary.json"
-                if not summary_path.exists():
-                    cfg = FinetuneConfig(
-                        arch=args.arch, patch_size=tuple(args.patch_size), batch_size=args.batch_size,
-                        steps=args.finetune_steps, val_every=0, fold=0,
-                        train_cases=None if n == "all" else int(n), seed=seed, device=args.device,
-                        weights=str(w or base) if (w or base) else None, from_scratch=w is None and base is not None,
-                        checkpoint_every=args.finetune_steps,
-                    )
-                    finetune(prepared, run, cfg, resume=(run / "state.json").exists())
-                    preds = run / "val_predictions"
-                    predict_folder(val_imgs, preds, run, device=args.device)
-                    summary = evaluate_folders(val_refs, preds, labels, nsd_tolerance=1.0)
-                    summary_path.write_text(json.dumps(summary, indent=1))
-                s = json.loads(summary_path.read_text())["foreground_mean"]
-                per_seed.append((s["Dice"], s["NSD"]))
+                path = out / f"ft_{arm}_n{n}_s{seed}" / "val_summary.json"
+                if path.exists():
+                    s = json.loads(path.read_text())["foreground_mean"]
+                    per_seed.append((s["Dice"], s["NSD"]))
+            if not per_seed:
+                continue
             d = np.array(per_seed)
             results[arm][str(n)] = {"dice_mean": float(d[:, 0].mean()), "dice_std": float(d[:, 0].std()),
                                     "nsd_mean": float(d[:, 1].mean()), "nsd_std": float(d[:, 1].std()),
-                                    "seeds": len(per_seed)}
-            print(arm, n, results[arm][str(n)], flush=True)
-
-    (out / "results.json").write_text(json.dumps({"results": results, "args": vars(args) | {
-        "data": str(args.data), "unlabeled": str(args.unlabeled), "out": str(out)},
-        "train_cases": len(train_ids), "val_cases": len(val_ids), "wall_s": time.time() - t0}, indent=1, default=str))
+                                    "dice_per_seed": d[:, 0].tolist(), "seeds": len(per_seed)}
+    write_json(out / "results.json", {"results": results, "args": {k: str(v) if isinstance(v, Path) else v
+                                                                     for k, v in vars(args).items()},
+                                      "train_cases": n_train, "val_cases": n_val, "wall_s": wall_s})
     lines = ["| arm | " + " | ".join(f"N={n}" for n in args.ns) + " |",
              "| --- |" + " --- |" * len(args.ns)]
     for arm, row in results.items():
         cells = [f"{row[str(n)]['dice_mean']:.3f} ± {row[str(n)]['dice_std']:.3f} "
-                 f"(NSD {row[str(n)]['nsd_mean']:.3f} ± {row[str(n)]['nsd_std']:.3f})" for n in args.ns]
+                 f"(NSD {row[str(n)]['nsd_mean']:.3f} ± {row[str(n)]['nsd_std']:.3f}, {row[str(n)]['seeds']} seeds)"
+                 if str(n) in row else "-" for n in args.ns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

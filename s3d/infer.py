@@ -11,8 +11,9 @@ from tqdm.auto import tqdm
 
 
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1 / 8) -> torch.Tensor:
-    """Separable Gaussian centred on the patch, sigma = patch * 1/8, max 1 (nnU-Net
-    compute_gaussian); zeros are lifted to the smallest positive value so every voxel counts."""
+    """Separable Gaussian centred on the patch, sigma = patch * 1/8 (nnU-Net's compute_gaussian), max 1;
+    zeros are lifted to the smallest positive value so every voxel counts. Unlike nnU-Net (peak on voxel
+    patch // 2) the centre is (patch - 1) / 2, so the map is exactly mirror-symmetric like the TTA flips."""
     axes = []
     for n in patch_size:
         x = torch.arange(n, dtype=torch.float64) - (n - 1) / 2

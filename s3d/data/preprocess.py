@@ -314,9 +314,10 @@ def preprocess_case(
 def restore_probabilities(probs: np.ndarray | torch.Tensor, props: dict) -> np.ndarray:
     """probs (K,*shape_after_resample) -> (K,*original shape) float32 on the original grid.
 
-    Linear resampling back to the cropped shape (nearest along the anisotropic axis, as forward;
-    nnU-Net resamples probabilities with order 1, order_z 0), pasted into the bbox; outside it
-    the probability of class 0 is 1. A tensor is resampled on its own device.
+    Linear resampling back to the cropped shape (nearest along the anisotropic axis, as forward),
+    pasted into the bbox. nnU-Net v2 resamples logits with the same orders and takes the argmax; s3d
+    resamples probabilities so saved maps stay distributions (the argmax can differ at near-ties).
+    Outside the bbox the probability of class 0 is 1. A tensor is resampled on its own device.
     """
     cropped = _restore_cropped(probs, props)
     full = np.zeros((cropped.shape[0], *props["shape_before_crop"]), dtype=np.float32)

@@ -86,6 +86,24 @@ def test_predict_writes_on_the_input_grid_and_evaluate_scores_it(trained_run, sm
     assert 0 <= summary["foreground_mean"]["Dice"] <= 1
 
 
+def test_predict_amp_bf16_changes_precision_not_results(trained_run, small_dataset, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    img = sorted((small_dataset / "imagesTr").glob("*.nii.gz"))[0]
+    shutil.copy(img, inp)
+    probs = {}
+    for amp in ("off", "bf16"):
+        res = CliRunner().invoke(cli, ["predict", "-i", str(inp), "-o", str(tmp_path / amp), "-m", str(trained_run),
+                                       "--device", "cpu", "--no-tta", "--save-probabilities", "--amp", amp],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        case = img.name[: -len("_0000.nii.gz")]
+        probs[amp] = np.stack([np.asarray(nib.load(tmp_path / amp / f"{case}_prob{k:02d}.nii.gz").dataobj)
+                               for k in range(3)])
+    diff = np.abs(probs["bf16"] - probs["off"]).max()
+    assert 0 < diff < 0.05  # bf16 really ran (not a silent fp32 run) and stays close to fp32
+
+
 def test_predict_on_awkward_headers_keeps_shape_affine_and_codes(trained_run, edge_cases_dir, tmp_path):
     inp = tmp_path / "in"
     inp.mkdir()

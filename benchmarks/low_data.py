@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="runs in parallel, one thread each")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--report-only", action="store_true", help="tabulate the finished runs in --out, train nothing")
     args = ap.parse_args()
 
     from s3d.train.finetune import FinetuneConfig, prepare_data, split_cases
@@ -159,6 +160,9 @@ def main() -> None:
     for c in val_ids:
         if not (val_refs / f"{c}.nii.gz").exists():
             (val_refs / f"{c}.nii.gz").symlink_to((args.data / "labelsTr" / f"{c}.nii.gz").resolve())
+    if args.report_only:
+        report(out, args, ["scratch", *args.methods], len(train_ids), len(val_ids), float("nan"))
+        return
     # Caches are filled here, once, so parallel runs never race to write them.
     prepared = prepare_data(args.data, (1.0, 1.0, 1.0))
     pretrain_data = [args.unlabeled, train_imgs]

@@ -74,7 +74,7 @@ def _timed_load(*a, **k):
     return p
 sp.load_predictor = _timed_load
 sp.predict_folder(sys.argv[1], sys.argv[2], sys.argv[3], tta=sys.argv[4] == "1", device="cpu",
-                  step_size=float(sys.argv[6]))
+                  step_size=float(sys.argv[6]), amp=sys.argv[7])
 t2 = time.perf_counter()
 print("S3D_TIMES " + json.dumps({"import_s": t1 - t0, "load_s": sum(loads), "predict_folder_s": t2 - t1,
                                  "torch": torch.__version__, "threads": torch.get_num_threads()}))
@@ -316,11 +316,12 @@ def _timed_run(cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> tup
     return wall, cpu, proc.stdout
 
 
-def run_s3d(inp: Path, out: Path, model: Path, tta: bool, threads: int, step: float, log: Path) -> dict:
+def run_s3d(inp: Path, out: Path, model: Path, tta: bool, threads: int, step: float, log: Path,
+            amp: str = "off") -> dict:
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-c", _S3D_CHILD, str(inp), str(out), str(model.resolve()), "1" if tta else "0",
-           str(threads), str(step)]
+           str(threads), str(step), amp]
     # cwd = the repo so `import s3d` finds this checkout even without an editable install
     wall, cpu, stdout = _timed_run(cmd, thread_env(threads), log, REPO)
     times = next(json.loads(line[len("S3D_TIMES "):]) for line in stdout.splitlines() if line.startswith("S3D_TIMES "))
@@ -396,6 +397,8 @@ def main() -> None:
     ap.add_argument("--step-size", type=float, default=0.5, help="sliding-window step (fraction of the patch)")
     ap.add_argument("--repeat", type=int, default=1, help="run both N times (alternating); report the fastest")
     ap.add_argument("--dataset-id", type=int, default=999, help="nnU-Net dataset id of the export")
+    ap.add_argument("--s3d-amp", default="off", choices=["off", "bf16"],
+                    help="s3d's autocast (nnU-Net runs fp32 on CPU); bf16 trades identical labels for speed")
     args = ap.parse_args()
     if not (args.nnunet_bin / "nnUNetv2_predict").exists():
         raise SystemExit(f"{args.nnunet_bin}/nnUNetv2_predict not found; install nnunetv2 there or pass --nnunet-bin")
@@ -424,7 +427,8 @@ def main() -> None:
         for who in order:
             log = out / "logs" / f"{who}_run{r}.log"
             if who == "s3d":
-                res[who] = run_s3d(inp, out / "s3d", args.model, args.tta, args.threads, args.step_size, log)
+                res[who] = run_s3d(inp, out / "s3d", args.model, args.tta, args.threads, args.step_size, log,
+                                   args.s3d_amp)
             else:
                 res[who] = run_nnunet(inp, out / "nnunet", dataset, out, args.nnunet_bin, args.tta, args.threads,
                                       args.step_size, log)
@@ -443,6 +447,7 @@ def main() -> None:
         "tta": args.tta,
         "threads": args.threads,
         "step_size": args.step_size,
+        "s3d_amp": args.s3d_amp,
         "s3d_wall_s": s3d_best,
         "nnunet_wall_s": nn_best,
         "speedup": nn_best / s3d_best,

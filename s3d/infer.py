@@ -91,7 +91,6 @@ def sliding_window_predict(
     logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=acc_device)
     weights = torch.zeros(padded, dtype=torch.float32, device=acc_device)
     mirrors = _mirror_sets(mirror_axes)
-    max_forward = max(batch_size, len(mirrors))
     image = image.to(device, dtype=torch.float32)
 
     bar = tqdm(total=len(starts), desc="windows", disable=not progress, leave=False)
@@ -99,13 +98,14 @@ def sliding_window_predict(
         chunk = starts[i : i + batch_size]
         x = torch.stack([image[:, s[0] : s[0] + patch[0], s[1] : s[1] + patch[1], s[2] : s[2] + patch[2]]
                          for s in chunk])
-        # All mirrorings of the chunk go through the network together (one forward of up to
-        # `max_forward` windows): on CPU a batch of 8 costs ~0.7x eight batches of 1.
+        # The mirrorings of a chunk are stacked and sent through the network `batch_size` windows at a
+        # time, so TTA never runs a batch of 1: on a 2-core CPU 8 windows cost 0.96 s as batches of 1,
+        # 0.71 s as one batch of 8 (activations spill out of cache) and 0.51 s as batches of 2.
         stacked = torch.cat([torch.flip(x, [a + 2 for a in axes]) if axes else x for axes in mirrors])
         outs = []
-        for j in range(0, stacked.shape[0], max_forward):
+        for j in range(0, stacked.shape[0], batch_size):
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                out = network(stacked[j : j + max_forward])
+                out = network(stacked[j : j + batch_size])
             if isinstance(out, (list, tuple)):
                 out = out[0]
             outs.append(out.float())

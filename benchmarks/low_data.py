@@ -41,8 +41,38 @@ def _link_images(cases: list[str], src: Path, dst: Path) -> Path:
     return dst
 
 
-def _draw_plot(results: dict, ns: list, path: Path) -> None:
-    """Dice vs N, one line per arm, as a PNG drawn with numpy (no plotting library needed)."""
+def _draw_plot(results: dict, ns: list, path: Path, n_all: int, title: str) -> None:
+    """Dice vs N, one line per arm with the seeds' std as error bars. matplotlib (`pip install matplotlib`,
+    a benchmark-only dependency) draws axes, ticks and a legend; without it, bare lines drawn with numpy."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _draw_plot_numpy(results, ns, path)
+        return
+    xs = {n: n_all if n == "all" else int(n) for n in ns}
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for arm, row in results.items():
+        pts = [(xs[n], row[str(n)]["dice_mean"], row[str(n)]["dice_std"]) for n in ns if str(n) in row]
+        if pts:
+            x, y, e = zip(*pts, strict=True)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=arm)
+    ax.set_xscale("log")
+    ax.set_xticks([xs[n] for n in ns], [f"{xs[n]}" + (" (all)" if n == "all" else "") for n in ns])
+    ax.minorticks_off()
+    ax.set_xlabel("labeled training cases N")
+    ax.set_ylabel("mean foreground Dice (42 val cases)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _draw_plot_numpy(results: dict, ns: list, path: Path) -> None:
     from s3d.viz import write_png
 
     h, w, m = 300, 420, 30
@@ -238,7 +268,9 @@ def report(out: Path, args: argparse.Namespace, arms: list[str], n_train: int, n
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    _draw_plot(results, args.ns, out / "dice_vs_n.png")
+    seeds = max((row[str(n)]["seeds"] for row in results.values() for n in args.ns if str(n) in row), default=0)
+    _draw_plot(results, args.ns, out / "dice_vs_n.png", n_train,
+               f"Hippocampus fold 0, {args.finetune_steps} fine-tuning steps, {seeds} seed(s) per point")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
 import subprocess
@@ -54,7 +53,6 @@ NORMALIZATION = {"zscore": "ZScoreNormalization", "ct": "CTNormalization", "none
 NNUNET_ANISO_THRESHOLD = 3.0
 # SimpleITK order (k, j, i) -> nibabel order (i, j, k); the permutation is its own inverse
 TRANSPOSE = [2, 1, 0]
-_CHANNEL_FILE = re.compile(r"(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii\.gz|\.nii)$")
 
 # Runs in a fresh interpreter of the s3d venv, so s3d pays its process start and imports like nnU-Net does.
 # predict_folder looks load_predictor up in its module at call time: wrapping it there times the model load.
@@ -270,25 +268,29 @@ def export_to_nnunet(model: Path, results: Path, dataset_id: int) -> tuple[str, 
 
 # ------------------------------------------------------------------------------------------- runs
 def select_cases(images: Path, limit: int | None, dest: Path) -> tuple[list[str], int]:
-    """Symlink the first `limit` cases (sorted by id, all channel files) into dest; (case ids, channels)."""
-    groups: dict[str, list[Path]] = {}
-    for p in sorted(images.iterdir()):
-        m = _CHANNEL_FILE.fullmatch(p.name)
-        if m is None:
-            continue
-        if m["ending"] != ".nii.gz":
-            raise SystemExit(f"{p}: only .nii.gz inputs are supported (dataset.json has one file_ending)")
-        groups.setdefault(m["case"], []).append(p)
-    if not groups:
-        raise SystemExit(f"{images}: no nnU-Net named images (CASE_0000.nii.gz)")
-    cases = sorted(groups)[:limit] if limit else sorted(groups)
+    """Symlink the first `limit` cases (sorted by id, all channel files) into dest; (case ids, channels).
+    Cases are grouped by s3d's own reader (`find_images`), so both tools see exactly what s3d predicts."""
+    from s3d.data.dataset import find_images
+    from s3d.errors import S3DError
+
+    try:
+        found = find_images(images)
+    except S3DError as e:
+        raise SystemExit(str(e)) from None
+    if not found:
+        raise SystemExit(f"{images}: no images")
+    for case in found:
+        for k, p in enumerate(case.images):
+            if p.name != f"{case.case_id}_{k:04d}.nii.gz":
+                raise SystemExit(f"{p}: nnU-Net needs CASE_XXXX.nii.gz names (dataset.json has one file_ending)")
+    chosen = found[:limit] if limit else found
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for case in cases:
-        for p in groups[case]:
+    for case in chosen:
+        for p in case.images:
             (dest / p.name).symlink_to(p.resolve())
-    return cases, len(groups[cases[0]])
+    return [c.case_id for c in chosen], len(chosen[0].images)
 
 
 def thread_env(threads: int, **extra: str) -> dict[str, str]:

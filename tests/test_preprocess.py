@@ -255,6 +255,13 @@ def test_cli_preprocess_hippocampus(hippo_subset, tmp_path):
     assert (out / "plan.json").is_file() and (out / "fingerprint.json").is_file()
     assert sorted(p.stem for p in (out / "cases").glob("*.npz")) == sorted(CASES)
     assert json.loads((out / "plan.json").read_text())["target_spacing"] == [1.0, 1.0, 1.0]
+    assert f"{len(CASES)} case(s) preprocessed in" in res.output
+    (out / "cases" / f"{CASES[0]}.json").unlink()  # an interrupted case: only it is redone
+    res = CliRunner().invoke(preprocess, [str(hippo_subset), str(out), "--spacing", "1", "1", "1", "-j", "1"])
+    assert res.exit_code == 0, res.output
+    assert f"1 case(s) preprocessed, {len(CASES) - 1} already up to date" in res.output
+    res = CliRunner().invoke(preprocess, [str(hippo_subset), str(out), "--spacing", "1", "1", "1", "-j", "1"])
+    assert f"nothing to do, {len(CASES)} already up to date" in res.output
     res = CliRunner().invoke(preprocess, [str(hippo_subset), str(tmp_path / "med"), "--spacing", "median"])
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(preprocess, [str(hippo_subset), str(tmp_path / "bad"), "--spacing", "1", "x", "1"])

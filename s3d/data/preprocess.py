@@ -577,17 +577,30 @@ def plan_dataset(
     return plan, fingerprint
 
 
+def _is_done(case_id: str, cases_dir: Path, digest: str) -> bool:
+    npz, meta = cases_dir / f"{case_id}.npz", cases_dir / f"{case_id}.json"
+    if not (npz.exists() and meta.exists()):
+        return False
+    try:
+        return json.loads(meta.read_text()).get("plan_digest") == digest
+    except (OSError, ValueError):
+        return False
+
+
+def pending_cases(ds: Any, out_dir: str | Path, plan: Plan) -> list[str]:
+    """Ids of the cases of `ds` that preprocess_dataset(ds, out_dir, plan) would (re)write without
+    overwrite: missing, unfinished, or made with another plan."""
+    cases_dir, digest = Path(out_dir) / "cases", plan.digest()
+    return [c.case_id for c in ds.cases if not _is_done(c.case_id, cases_dir, digest)]
+
+
 def _preprocess_one(args: tuple) -> tuple[str, bool]:
     case, cases_dir, plan_dict, digest, overwrite = args
     from s3d.data.io import atomic_path, read_channels, read_label
 
     npz, meta = cases_dir / f"{case.case_id}.npz", cases_dir / f"{case.case_id}.json"
-    if not overwrite and npz.exists() and meta.exists():
-        try:
-            if json.loads(meta.read_text()).get("plan_digest") == digest:
-                return case.case_id, False
-        except (OSError, ValueError):
-            pass
+    if not overwrite and _is_done(case.case_id, cases_dir, digest):
+        return case.case_id, False
     plan = Plan.from_dict(plan_dict)
     images, geometry = read_channels(case.images)
     seg = read_label(case.label)[0] if case.label is not None else None

@@ -46,7 +46,8 @@ from s3d.cli.options import (
               help="Random initialisation (the baseline); with --weights, keep that network's config but not "
                    "its values.")
 @click.option("--lr", type=float, default=None,
-              help="Peak learning rate. Default: 1e-2 from scratch, 1e-3 with --weights (S3D paper).")
+              help="Peak learning rate. Default: 1e-2 from scratch, 1e-3 with --weights (S3D paper, tuned for "
+                   "1000 epochs; with a few thousand steps or fewer, e.g. on a CPU, 1e-2 learns faster).")
 @click.option("--warmup-steps", nargs=2, type=click.IntRange(min=1), default=None,
               help="With --weights: steps of decoder-only warm-up and of whole-network warm-up "
                    "(default: 5%% and 5%% of --steps).")

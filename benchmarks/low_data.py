@@ -244,18 +244,22 @@ def report(out: Path, args: argparse.Namespace, arms: list[str], n_train: int, n
     for arm in arms:
         results[arm] = {}
         for n in args.ns:
-            per_seed = []
+            per_seed, seed_ids = [], []
             for seed in args.seeds:
                 path = out / f"ft_{arm}_n{n}_s{seed}" / "val_summary.json"
                 if path.exists():
                     s = json.loads(path.read_text())["foreground_mean"]
                     per_seed.append((s["Dice"], s["NSD"]))
+                    seed_ids.append(seed)
             if not per_seed:
                 continue
             d = np.array(per_seed)
-            results[arm][str(n)] = {"dice_mean": float(d[:, 0].mean()), "dice_std": float(d[:, 0].std()),
-                                    "nsd_mean": float(d[:, 1].mean()), "nsd_std": float(d[:, 1].std()),
-                                    "dice_per_seed": d[:, 0].tolist(), "seeds": len(per_seed)}
+            # sample std (ddof=1) as papers report over seeds; 0 for a single seed rather than NaN
+            ddof = 1 if len(d) > 1 else 0
+            results[arm][str(n)] = {"dice_mean": float(d[:, 0].mean()), "dice_std": float(d[:, 0].std(ddof=ddof)),
+                                    "nsd_mean": float(d[:, 1].mean()), "nsd_std": float(d[:, 1].std(ddof=ddof)),
+                                    "dice_per_seed": d[:, 0].tolist(), "nsd_per_seed": d[:, 1].tolist(),
+                                    "seed_ids": seed_ids, "seeds": len(per_seed)}
     write_json(out / "results.json", {"results": results, "args": {k: str(v) if isinstance(v, Path) else v
                                                                      for k, v in vars(args).items()},
                                       "train_cases": n_train, "val_cases": n_val, "wall_s": wall_s})
@@ -266,11 +270,40 @@ def report(out: Path, args: argparse.Namespace, arms: list[str], n_train: int, n
                  f"(NSD {row[str(n)]['nsd_mean']:.3f} ± {row[str(n)]['nsd_std']:.3f}, {row[str(n)]['seeds']} seeds)"
                  if str(n) in row else "-" for n in args.ns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += _paired_table(results, args.ns)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     seeds = max((row[str(n)]["seeds"] for row in results.values() for n in args.ns if str(n) in row), default=0)
     _draw_plot(results, args.ns, out / "dice_vs_n.png", n_train,
                f"Hippocampus fold 0, {args.finetune_steps} fine-tuning steps, {seeds} seed(s) per point")
+
+
+def _paired_table(results: dict, ns: list) -> list[str]:
+    """Dice of each pre-trained arm minus scratch, paired by seed (same subset, same seed), in points.
+    Pairing removes the spread the arms share (which cases, which seed), so it shows more than the
+    difference of two means with their own stds."""
+    base = results.get("scratch")
+    if not base:
+        return []
+    lines = ["", "Dice minus scratch, paired by seed, in points (mean ± std over seeds):", "",
+             "| arm | " + " | ".join(f"N={n}" for n in ns) + " |", "| --- |" + " --- |" * len(ns)]
+    for arm, row in results.items():
+        if arm == "scratch":
+            continue
+        cells = []
+        for n in ns:
+            a, b = row.get(str(n)), base.get(str(n))
+            pa = dict(zip(a["seed_ids"], a["dice_per_seed"], strict=True)) if a else {}
+            pb = dict(zip(b["seed_ids"], b["dice_per_seed"], strict=True)) if b else {}
+            common = sorted(pa.keys() & pb.keys())
+            k = len(common)
+            if not k:
+                cells.append("-")
+                continue
+            diff = 100 * np.array([pa[i] - pb[i] for i in common])
+            cells.append(f"{diff.mean():+.1f} ± {diff.std(ddof=1 if k > 1 else 0):.1f} ({k})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def hippo_preprocessed(hippo_subset, tmp_path_factory):
 
     ds = find_dataset(hippo_subset)
     plan, fp = plan_dataset(ds, "median", jobs=1)
-    out = preprocess_dataset(ds, tmp_path_factory.mktemp("pp") / "out", plan, jobs=2, fingerprint=fp)
+    out = tmp_path_factory.mktemp("pp") / "out"
+    assert sorted(preprocess_dataset(ds, out, plan, jobs=2, fingerprint=fp)) == sorted(c.case_id for c in ds.cases)
     return ds, plan, fp, out
 
 
@@ -238,7 +239,7 @@ def test_rerun_skips_and_other_plan_needs_overwrite(hippo_preprocessed):
     ds, plan, fp, out = hippo_preprocessed
     npz = sorted((out / "cases").glob("*.npz"))
     stamps = [p.stat().st_mtime_ns for p in npz]
-    preprocess_dataset(ds, out, plan, jobs=1)
+    assert preprocess_dataset(ds, out, plan, jobs=1) == []
     assert [p.stat().st_mtime_ns for p in npz] == stamps
     other = Plan.from_dict({**plan.to_dict(), "target_spacing": [1.5, 1.5, 1.5]})
     with pytest.raises(S3DError, match="different plan"):

@@ -64,7 +64,7 @@ def preprocess(input_dir: Path, output: Path, spacing: str, norm: str, jobs: int
     """
     from s3d.cli import UserError
     from s3d.data.dataset import find_dataset
-    from s3d.data.preprocess import DatasetProblems, check_dataset, pending_cases, plan_dataset, preprocess_dataset
+    from s3d.data.preprocess import DatasetProblems, check_dataset, plan_dataset, preprocess_dataset
 
     try:
         if output.resolve() == input_dir.resolve() or input_dir.resolve() in output.resolve().parents:
@@ -81,13 +81,12 @@ def preprocess(input_dir: Path, output: Path, spacing: str, norm: str, jobs: int
             raise SystemExit(2) from None
         plan, fingerprint = plan_dataset(ds, spacing=spacing, norm=None if norm == "auto" else norm, jobs=jobs,
                                          validate=False)
-        todo = len(ds.cases) if overwrite else len(pending_cases(ds, output, plan))
-        preprocess_dataset(ds, output, plan, jobs=jobs, overwrite=overwrite, fingerprint=fingerprint,
-                           validate=False)
+        written = len(preprocess_dataset(ds, output, plan, jobs=jobs, overwrite=overwrite,
+                                         fingerprint=fingerprint, validate=False))
     except S3DError as e:
         raise UserError(str(e)) from None
     sp = " x ".join(f"{s:g}" for s in plan.target_spacing)
-    done = f"{todo} case(s) preprocessed" if todo else "nothing to do"
-    if todo < len(ds.cases):
-        done += f", {len(ds.cases) - todo} already up to date"
+    done = f"{written} case(s) preprocessed" if written else "nothing to do"
+    if written < len(ds.cases):
+        done += f", {len(ds.cases) - written} already up to date"
     click.echo(f"{done} in {output} (spacing {sp} mm, normalisation {', '.join(plan.normalization)})")

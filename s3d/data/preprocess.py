@@ -577,30 +577,17 @@ def plan_dataset(
     return plan, fingerprint
 
 
-def _is_done(case_id: str, cases_dir: Path, digest: str) -> bool:
-    npz, meta = cases_dir / f"{case_id}.npz", cases_dir / f"{case_id}.json"
-    if not (npz.exists() and meta.exists()):
-        return False
-    try:
-        return json.loads(meta.read_text()).get("plan_digest") == digest
-    except (OSError, ValueError):
-        return False
-
-
-def pending_cases(ds: Any, out_dir: str | Path, plan: Plan) -> list[str]:
-    """Ids of the cases of `ds` that preprocess_dataset(ds, out_dir, plan) would (re)write without
-    overwrite: missing, unfinished, or made with another plan."""
-    cases_dir, digest = Path(out_dir) / "cases", plan.digest()
-    return [c.case_id for c in ds.cases if not _is_done(c.case_id, cases_dir, digest)]
-
-
 def _preprocess_one(args: tuple) -> tuple[str, bool]:
     case, cases_dir, plan_dict, digest, overwrite = args
     from s3d.data.io import atomic_path, read_channels, read_label
 
     npz, meta = cases_dir / f"{case.case_id}.npz", cases_dir / f"{case.case_id}.json"
-    if not overwrite and _is_done(case.case_id, cases_dir, digest):
-        return case.case_id, False
+    if not overwrite and npz.exists() and meta.exists():
+        try:
+            if json.loads(meta.read_text()).get("plan_digest") == digest:
+                return case.case_id, False
+        except (OSError, ValueError):
+            pass
     plan = Plan.from_dict(plan_dict)
     images, geometry = read_channels(case.images)
     seg = read_label(case.label)[0] if case.label is not None else None
@@ -645,10 +632,10 @@ def preprocess_dataset(
     *,
     fingerprint: dict | None = None,
     validate: bool = True,
-) -> Path:
+) -> list[str]:
     """Validate `ds` (DatasetProblems lists every problem; nothing is written then) and preprocess
     every case into out_dir (layout in the module docstring) with `jobs` processes. Finished cases
-    made with the same plan are skipped unless overwrite. Returns out_dir."""
+    made with the same plan are skipped unless overwrite. Returns the ids of the cases (re)written."""
     out_dir = Path(out_dir)
     if not ds.cases:
         raise S3DError(f"{ds.root}: no cases found")
@@ -680,10 +667,9 @@ def preprocess_dataset(
         write_json(out_dir / "fingerprint.json", fingerprint, indent=1)
     plan_dict, digest = plan.to_dict(), plan.digest()
     work = [(c, cases_dir, plan_dict, digest, overwrite) for c in ds.cases]
-    for _ in _map(_preprocess_one, work, jobs, "preprocess"):
-        pass
+    written = [case_id for case_id, wrote in _map(_preprocess_one, work, jobs, "preprocess") if wrote]
     write_json(plan_file, plan_dict, indent=1)
-    return out_dir
+    return written
 
 
 # ------------------------------------------------------------------------------------ loading

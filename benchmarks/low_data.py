@@ -239,6 +239,11 @@ def main() -> None:
     report(out, args, arms, len(train_ids), len(val_ids), time.time() - t0)
 
 
+def _seed_std(values: np.ndarray) -> float:
+    """Sample std (ddof=1) over seeds, as papers report it; 0 for a single seed rather than NaN."""
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def report(out: Path, args: argparse.Namespace, arms: list[str], n_train: int, n_val: int, wall_s: float) -> None:
     results: dict[str, dict] = {}
     for arm in arms:
@@ -254,10 +259,8 @@ def report(out: Path, args: argparse.Namespace, arms: list[str], n_train: int, n
             if not per_seed:
                 continue
             d = np.array(per_seed)
-            # sample std (ddof=1) as papers report over seeds; 0 for a single seed rather than NaN
-            ddof = 1 if len(d) > 1 else 0
-            results[arm][str(n)] = {"dice_mean": float(d[:, 0].mean()), "dice_std": float(d[:, 0].std(ddof=ddof)),
-                                    "nsd_mean": float(d[:, 1].mean()), "nsd_std": float(d[:, 1].std(ddof=ddof)),
+            results[arm][str(n)] = {"dice_mean": float(d[:, 0].mean()), "dice_std": _seed_std(d[:, 0]),
+                                    "nsd_mean": float(d[:, 1].mean()), "nsd_std": _seed_std(d[:, 1]),
                                     "dice_per_seed": d[:, 0].tolist(), "nsd_per_seed": d[:, 1].tolist(),
                                     "seed_ids": seed_ids, "seeds": len(per_seed)}
     write_json(out / "results.json", {"results": results, "args": {k: str(v) if isinstance(v, Path) else v
@@ -301,7 +304,7 @@ def _paired_table(results: dict, ns: list) -> list[str]:
                 cells.append("-")
                 continue
             diff = 100 * np.array([pa[i] - pb[i] for i in common])
-            cells.append(f"{diff.mean():+.1f} ± {diff.std(ddof=1 if k > 1 else 0):.1f} ({k})")
+            cells.append(f"{diff.mean():+.1f} ± {_seed_std(diff):.1f} ({k})")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
 

@@ -50,7 +50,7 @@ from s3d.cli.options import (
                    "1000 epochs; with a few thousand steps or fewer, e.g. on a CPU, 1e-2 learns faster).")
 @click.option("--warmup-steps", nargs=2, type=click.IntRange(min=1), default=None,
               help="With --weights: steps of decoder-only warm-up and of whole-network warm-up "
-                   "(default: 5%% and 5%% of --steps).")
+                   "(default: 5% and 5% of --steps).")
 @click.option("--spacing", nargs=3, type=float, default=None,
               help="Target spacing in mm (X Y Z) when preprocessing a raw dataset. Default: the dataset median, "
                    "or the pre-training spacing with --weights (1 1 1 for S3D/OpenMind).")

@@ -237,10 +237,10 @@ def test_preprocess_dataset_api(hippo_preprocessed, hippocampus_dir):
 
 def test_rerun_skips_and_other_plan_needs_overwrite(hippo_preprocessed):
     ds, plan, fp, out = hippo_preprocessed
-    npz = sorted((out / "cases").glob("*.npz"))
-    stamps = [p.stat().st_mtime_ns for p in npz]
-    assert preprocess_dataset(ds, out, plan, jobs=1) == []
-    assert [p.stat().st_mtime_ns for p in npz] == stamps
+    stored = sorted((out / "cases").glob("*.b2nd"))
+    stamps = [p.stat().st_mtime_ns for p in stored]
+    assert stored and preprocess_dataset(ds, out, plan, jobs=1) == []
+    assert [p.stat().st_mtime_ns for p in stored] == stamps
     other = Plan.from_dict({**plan.to_dict(), "target_spacing": [1.5, 1.5, 1.5]})
     with pytest.raises(S3DError, match="different plan"):
         preprocess_dataset(ds, out, other, jobs=1)
@@ -254,7 +254,7 @@ def test_cli_preprocess_hippocampus(hippo_subset, tmp_path):
     res = CliRunner().invoke(preprocess, [str(hippo_subset), str(out), "--spacing", "1", "1", "1", "-j", "1"])
     assert res.exit_code == 0, res.output
     assert (out / "plan.json").is_file() and (out / "fingerprint.json").is_file()
-    assert sorted(p.stem for p in (out / "cases").glob("*.npz")) == sorted(CASES)
+    assert sorted(p.stem for p in (out / "cases").glob("*.b2nd") if not p.stem.endswith("_seg")) == sorted(CASES)
     assert json.loads((out / "plan.json").read_text())["target_spacing"] == [1.0, 1.0, 1.0]
     assert f"{len(CASES)} case(s) preprocessed in" in res.output
     (out / "cases" / f"{CASES[0]}.json").unlink()  # an interrupted case: only it is redone

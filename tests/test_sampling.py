@@ -6,17 +6,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from s3d.data.preprocess import case_from_props
 from s3d.data.sampling import PatchDataset, crop_patch, sample_patch
+from s3d.data.store import write_case
 
 
-class _Case:
-    def __init__(self, data, seg):
-        self.data, self.seg = data, seg
-        self.has_seg = seg is not None
-        self.class_locations = None
-
-    def load(self):
-        return self.data, self.seg
+def _store_case(folder, data, seg=None, case_id="case"):
+    """A case written through the real store (what PatchDataset reads in training)."""
+    locations = None
+    if seg is not None:
+        locations = {int(v): np.argwhere(seg == v) for v in np.unique(seg) if v != 0}
+    props = {"case_id": case_id, "shape": list(data.shape[1:]), "has_seg": seg is not None,
+             "num_channels": int(data.shape[0]), "class_location_labels": sorted(locations or {})}
+    write_case(folder, case_id, data, props, (16, 16, 16), seg=seg, locations=locations)
+    return case_from_props(folder / f"{case_id}.json", props)
 
 
 def test_crop_patch_pads_outside_the_volume():
@@ -28,10 +31,12 @@ def test_crop_patch_pads_outside_the_volume():
 
 
 @pytest.fixture(scope="module")
-def real_case(hippocampus_dir):
+def real_case(hippocampus_dir, tmp_path_factory):
     img = nib.load(hippocampus_dir / "imagesTr" / "hippocampus_001_0000.nii.gz").get_fdata(dtype=np.float32)
     seg = np.asarray(nib.load(hippocampus_dir / "labelsTr" / "hippocampus_001.nii.gz").dataobj).astype(np.int16)
-    return _Case(((img - img.mean()) / img.std())[None], seg)
+    case = _store_case(tmp_path_factory.mktemp("store"), ((img - img.mean()) / img.std())[None], seg)
+    case.data, case.seg = case.load()
+    return case
 
 
 def test_forced_foreground_patches_contain_foreground(real_case):
@@ -58,18 +63,18 @@ def test_batches_have_exact_shapes_oversampling_and_are_deterministic(real_case)
     assert not (other_rank["image"] == same_rank["image"]).all()
 
 
-def test_channels_as_samples_gives_single_channel_unlabeled_batches():
+def test_channels_as_samples_gives_single_channel_unlabeled_batches(tmp_path):
     data = np.stack([np.full((10, 10, 10), c, np.float32) for c in range(3)])
-    ds = PatchDataset([_Case(data, None)], (8, 8, 8), batch_size=12, channels_as_samples=True,
+    ds = PatchDataset([_store_case(tmp_path, data)], (8, 8, 8), batch_size=12, channels_as_samples=True,
                       oversample_foreground=0)
     b = next(iter(ds))
     assert b["image"].shape == (12, 1, 8, 8, 8) and "seg" not in b
     assert set(np.unique(b["image"].numpy())) == {0.0, 1.0, 2.0}
 
 
-def test_valid_mask_marks_the_padding():
+def test_valid_mask_marks_the_padding(tmp_path):
     data = np.random.default_rng(0).normal(size=(1, 10, 12, 6)).astype(np.float32)
-    ds = PatchDataset([_Case(data, None)], (16, 16, 16), batch_size=2, oversample_foreground=0,
+    ds = PatchDataset([_store_case(tmp_path, data)], (16, 16, 16), batch_size=2, oversample_foreground=0,
                       with_valid_mask=True)
     b = next(iter(ds))
     valid = b["valid"].numpy()

@@ -15,6 +15,7 @@ from s3d.cli.options import (
     resume_option,
     seed_option,
     steps_option,
+    workers_option,
 )
 
 
@@ -58,12 +59,13 @@ from s3d.cli.options import (
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True,
               help="Save weights and the resumable state every N steps.")
 @amp_option
+@workers_option
 @jobs_option
 @cache_dir_option
 def finetune(dataset: Path, output: Path, arch: str, patch_size, batch_size: int, steps: int, val_every: int,
              fold: int, val_fraction, train_cases, seed: int, device: str, resume: bool, weights, from_scratch: bool,
-             lr, warmup_steps, spacing, no_deep_supervision: bool, checkpoint_every: int, amp: str, jobs: int,
-             cache_dir) -> None:
+             lr, warmup_steps, spacing, no_deep_supervision: bool, checkpoint_every: int, amp: str, workers,
+             jobs: int, cache_dir) -> None:
     """Train a segmentation network on DATASET and write it to OUTPUT.
 
     DATASET is an nnU-Net raw dataset folder (dataset.json, imagesTr/, labelsTr/), preprocessed on the
@@ -80,5 +82,5 @@ def finetune(dataset: Path, output: Path, arch: str, patch_size, batch_size: int
         deep_supervision=not no_deep_supervision, spacing=tuple(spacing) if spacing else None, device=device,
         amp=amp, checkpoint_every=checkpoint_every,
     )
-    out = run(dataset, output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir)
+    out = run(dataset, output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir, workers=workers)
     click.echo(f"model written to {out} (predict with: s3d predict -i IMAGES -o OUT -m {out})")

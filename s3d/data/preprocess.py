@@ -7,16 +7,15 @@ nnU-Net v2 (Isensee et al., Nature Methods 2021; nnunetv2 `DatasetFingerprintExt
 
 Output layout of `preprocess_dataset(ds, out_dir, plan)`:
     out_dir/plan.json          Plan.to_dict(), written LAST: its presence marks a finished folder
+    out_dir/store.json         the store format (s3d.data.store); absent in folders of s3d < 0.2 (.npz)
     out_dir/fingerprint.json   dataset statistics (when given)
     out_dir/dataset.json       copy of the raw dataset.json (generated for a plain image folder)
-    out_dir/cases/CASE.npz     data float32 (C,i,j,k) [+ seg int16 (i,j,k) + class_locations int32
-                               (M,4) rows (label, i, j, k)], np.savez uncompressed
-    out_dir/cases/CASE.json    props (see preprocess_case) without class_locations, + case_id,
-                               shape, has_seg, class_location_labels, plan digest
+    out_dir/cases/             one case = CASE.b2nd (+ CASE_seg.b2nd, CASE_locations.npy) + CASE.json,
+                               laid out by s3d.data.store.write_case
 
-Uncompressed npz: on the hippocampus cases np.savez_compressed writes ~90x slower (34 vs 0.4 ms
-a case, which would dominate preprocessing) and reads ~2x slower, for a 5x smaller file
-(benchmarks/preprocess_speed.py); training re-reads cases all the time, so speed wins.
+Cases are chunked, compressed blosc2 arrays (as nnU-Net v2 and nnssl store theirs): a training patch
+decompresses only the blocks it overlaps, so loader memory does not depend on the volume count and
+a corpus of 100k brains fits on a disk.
 """
 
 from __future__ import annotations
@@ -577,37 +576,60 @@ def plan_dataset(
     return plan, fingerprint
 
 
-def _preprocess_one(args: tuple) -> tuple[str, bool]:
-    case, cases_dir, plan_dict, digest, overwrite = args
-    from s3d.data.io import atomic_path, read_channels, read_label
+# Patch the store is laid out for when the training patch is not known yet (nnU-Net v2's fallback);
+# any other patch still reads correctly, only touching a few more blocks.
+DEFAULT_LAYOUT_PATCH = (128, 128, 128)
 
-    npz, meta = cases_dir / f"{case.case_id}.npz", cases_dir / f"{case.case_id}.json"
-    if not overwrite and npz.exists() and meta.exists():
-        try:
-            if json.loads(meta.read_text()).get("plan_digest") == digest:
-                return case.case_id, False
-        except (OSError, ValueError):
-            pass
+
+def case_is_current(meta: Path, digest: str) -> bool:
+    """True when CASE.json exists, was made with the plan of `digest` and the current store format."""
+    from s3d.data.store import STORE_VERSION
+
+    try:
+        props = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return False
+    return props.get("plan_digest") == digest and props.get("store_version") == STORE_VERSION
+
+
+def _preprocess_one(args: tuple) -> tuple[str, bool]:
+    case, cases_dir, plan_dict, digest, overwrite, patch_size = args
+    from s3d.data.io import read_channels, read_label
+    from s3d.data.store import case_paths, write_case
+
+    if not overwrite and case_is_current(case_paths(cases_dir, case.case_id)["meta"], digest):
+        return case.case_id, False
     plan = Plan.from_dict(plan_dict)
     images, geometry = read_channels(case.images)
     seg = read_label(case.label)[0] if case.label is not None else None
     data, seg_out, props = preprocess_case(images, geometry, plan, seg)
     del images, seg
-    arrays = {"data": data} if seg_out is None else {"data": data, "seg": seg_out}
     locations = props.pop("class_locations")
-    if locations:
-        # (M, 4) rows of (label, i, j, k): in JSON, 10^4 coordinates per label cost more time than the case
-        arrays["class_locations"] = np.concatenate(
-            [np.column_stack([np.full(len(v), k, np.int64), v]) for k, v in sorted(locations.items())]
-        ).astype(np.int32)
-    props["class_location_labels"] = sorted(int(k) for k in locations)
-    with atomic_path(npz) as tmp, open(tmp, "wb") as f:
-        # a file object, so numpy does not append ".npz" to the temporary name
-        np.savez(f, **arrays)
     props.update(case_id=case.case_id, shape=list(data.shape[1:]), has_seg=seg_out is not None,
-                 num_channels=int(data.shape[0]), plan_digest=digest)
-    write_json(meta, props, indent=None)  # last: an existing CASE.json means the npz beside it is complete
+                 num_channels=int(data.shape[0]), plan_digest=digest,
+                 class_location_labels=sorted(int(k) for k in locations))
+    write_case(cases_dir, case.case_id, data, props, patch_size, seg=seg_out, locations=locations)
     return case.case_id, True
+
+
+def remove_old_store(out_dir: Path) -> int:
+    """Delete the .npz cases of an s3d < 0.2 folder (never mixed with blosc2 cases); how many there were."""
+    old = sorted((out_dir / "cases").glob("*.npz")) if (out_dir / "cases").is_dir() else []
+    if old:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"{out_dir}: holds {len(old)} case(s) in the old .npz format; rebuilding them as blosc2")
+        for f in old:
+            f.unlink()
+            f.with_suffix(".json").unlink(missing_ok=True)
+    return len(old)
+
+
+def write_store_marker(out_dir: Path, patch_size: Sequence[int]) -> None:
+    from s3d.data.store import STORE_FORMAT, STORE_VERSION
+
+    write_json(out_dir / "store.json", {"format": STORE_FORMAT, "version": STORE_VERSION,
+                                        "layout_patch": [int(p) for p in patch_size]}, indent=1)
 
 
 def _dataset_json(ds: Any) -> dict:
@@ -632,10 +654,13 @@ def preprocess_dataset(
     *,
     fingerprint: dict | None = None,
     validate: bool = True,
+    patch_size: Sequence[int] = DEFAULT_LAYOUT_PATCH,
 ) -> list[str]:
     """Validate `ds` (DatasetProblems lists every problem; nothing is written then) and preprocess
     every case into out_dir (layout in the module docstring) with `jobs` processes. Finished cases
-    made with the same plan are skipped unless overwrite. Returns the ids of the cases (re)written."""
+    made with the same plan are skipped unless overwrite; cases of an older s3d (.npz) are rebuilt.
+    `patch_size` (voxels) is the training patch the blosc2 chunks are laid out for. Returns the ids
+    of the cases (re)written."""
     out_dir = Path(out_dir)
     if not ds.cases:
         raise S3DError(f"{ds.root}: no cases found")
@@ -659,82 +684,132 @@ def preprocess_dataset(
     if overwrite:
         keep = {c.case_id for c in ds.cases}
         for p in cases_dir.iterdir():
-            stem = p.name.split(".tmp-")[0].removesuffix(".npz").removesuffix(".json")
-            if stem not in keep or ".tmp-" in p.name:
+            if ".tmp-" in p.name or _case_of_file(p.name) not in keep:
                 p.unlink() if p.is_file() else shutil.rmtree(p)
+    remove_old_store(out_dir)
+    write_store_marker(out_dir, patch_size)
     write_json(out_dir / "dataset.json", _dataset_json(ds), indent=1)
     if fingerprint is not None:
         write_json(out_dir / "fingerprint.json", fingerprint, indent=1)
     plan_dict, digest = plan.to_dict(), plan.digest()
-    work = [(c, cases_dir, plan_dict, digest, overwrite) for c in ds.cases]
+    work = [(c, cases_dir, plan_dict, digest, overwrite, tuple(patch_size)) for c in ds.cases]
     written = [case_id for case_id, wrote in _map(_preprocess_one, work, jobs, "preprocess") if wrote]
     write_json(plan_file, plan_dict, indent=1)
     return written
 
 
+def _case_of_file(name: str) -> str:
+    """The case id a file of cases/ belongs to (inverse of s3d.data.store.case_paths)."""
+    for suffix in ("_seg.b2nd", "_lossmask.b2nd", "_locations.npy", ".b2nd", ".json", ".npz"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 # ------------------------------------------------------------------------------------ loading
 @dataclass
 class PreprocessedCase:
-    """One case of a preprocessed folder; arrays are read on demand."""
+    """One case of a preprocessed folder; arrays are read on demand, patches without the whole volume."""
 
     case_id: str
-    path: Path
-    props: dict
+    path: Path  # cases/CASE.b2nd
     shape: tuple[int, int, int]
     has_seg: bool
-    _locations: dict[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    num_channels: int = 1
+    has_loss_mask: bool = False
+    class_location_labels: tuple[int, ...] = ()
+    _props: dict | None = field(default=None, repr=False, compare=False)
+
+    def file(self, kind: str) -> Path:
+        """Path of the case's `kind` file: data, seg, lossmask, locations or meta (s3d.data.store)."""
+        from s3d.data.store import case_paths
+
+        return case_paths(self.path.parent, self.case_id)[kind]
+
+    @property
+    def props(self) -> dict:
+        """CASE.json (geometry, bbox, spacings...): read when first asked for, not at load time, so
+        that a corpus of 100k cases does not hold 100k property dicts."""
+        if self._props is None:
+            self._props = read_json(self.file("meta"))
+        return self._props
 
     def load(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """data (C,i,j,k) float32, seg (i,j,k) int16 or None."""
-        try:
-            with np.load(self.path) as z:
-                data = z["data"]
-                seg = z["seg"] if "seg" in z.files else None
-        except (OSError, ValueError, KeyError, zlib.error) as e:
-            raise S3DError(f"{self.path}: cannot read preprocessed case ({' '.join(str(e).split())}); "
-                           "run `s3d preprocess --overwrite`") from e
+        """data (C,i,j,k) float32, seg (i,j,k) int16 or None: the whole volume."""
+        from s3d.data.store import open_array
+
+        data = np.asarray(open_array(self.path)[...])
+        seg = np.asarray(open_array(self.file("seg"))[...]) if self.has_seg else None
         return data, seg
+
+    def open(self) -> dict[str, Any]:
+        """Memory-mapped arrays {"data", "seg"?, "lossmask"?} to cut patches from (s3d.data.store.read_crop)."""
+        from s3d.data.store import open_array
+
+        out = {"data": open_array(self.path)}
+        if self.has_seg:
+            out["seg"] = open_array(self.file("seg"))
+        if self.has_loss_mask:
+            out["lossmask"] = open_array(self.file("lossmask"))
+        return out
 
     @property
     def class_locations(self) -> dict[int, np.ndarray]:
-        """label -> (N, 3) int64 voxel coordinates in the preprocessed grid (read once from the npz)."""
-        if self._locations is None:
-            locs: dict[int, np.ndarray] = {int(k): np.zeros((0, 3), np.int64)
-                                           for k in self.props.get("class_location_labels", [])}
-            if locs:
-                try:
-                    with np.load(self.path) as z:
-                        rows = z["class_locations"] if "class_locations" in z.files else np.zeros((0, 4))
-                except (OSError, ValueError, zlib.error) as e:
-                    raise S3DError(f"{self.path}: cannot read preprocessed case ({' '.join(str(e).split())}); "
-                                   "run `s3d preprocess --overwrite`") from e
-                rows = np.asarray(rows, dtype=np.int64)
-                for k in locs:
-                    locs[k] = np.ascontiguousarray(rows[rows[:, 0] == k, 1:])
-            self._locations = locs
-        return self._locations
+        """label -> (N, 3) int64 voxel coordinates in the preprocessed grid."""
+        from s3d.data.store import read_locations
+
+        return read_locations(self.file("locations"), self.class_location_labels)
+
+
+def case_from_props(meta: Path, props: dict) -> PreprocessedCase:
+    return PreprocessedCase(
+        case_id=str(props.get("case_id", meta.stem)),
+        path=meta.with_suffix(".b2nd"),
+        shape=tuple(int(s) for s in props["shape"]),
+        has_seg=bool(props.get("has_seg")),
+        num_channels=int(props.get("num_channels", 1)),
+        has_loss_mask=bool(props.get("has_loss_mask")),
+        class_location_labels=tuple(int(k) for k in props.get("class_location_labels", [])),
+    )
+
+
+def check_store(out_dir: Path) -> None:
+    """S3DError when out_dir was written by an older s3d (.npz cases) or by a newer store version."""
+    from s3d.data.store import STORE_FORMAT, STORE_VERSION
+
+    marker = out_dir / "store.json"
+    if not marker.is_file():
+        if any((out_dir / "cases").glob("*.npz")):
+            raise S3DError(f"{out_dir}: preprocessed by an older s3d (.npz cases); rebuild it with "
+                           "`s3d preprocess ... --overwrite` (the blosc2 store reads patches, not volumes)")
+        raise S3DError(f"{out_dir}: not a preprocessed folder (no store.json); run `s3d preprocess`")
+    info = read_json(marker)
+    if not isinstance(info, dict) or info.get("format") != STORE_FORMAT or info.get("version") != STORE_VERSION:
+        raise S3DError(f"{marker}: store format {info!r} is not this s3d's ({STORE_FORMAT} v{STORE_VERSION}); "
+                       "rebuild it with `s3d preprocess ... --overwrite`")
 
 
 def load_preprocessed(out_dir: str | Path) -> tuple[Plan, list[PreprocessedCase]]:
-    """(Plan, cases sorted by id) of a folder written by preprocess_dataset."""
+    """(Plan, cases sorted by id) of a folder written by preprocess_dataset or preprocess_corpus.
+
+    Only small per-case facts (shape, channels, labels present) are kept; properties and voxels are
+    read when used. Cases whose CASE.json is missing (still being written) are left out: a corpus
+    store has its plan.json from the start, so training can begin on what is preprocessed while
+    other parts are still running.
+    """
     out_dir = Path(out_dir)
     plan_file = out_dir / "plan.json"
     if not plan_file.is_file():
+        if any((out_dir / "cases").glob("*.npz")):
+            check_store(out_dir)
         raise S3DError(f"{out_dir}: not a finished preprocessed folder (no plan.json); run `s3d preprocess`")
+    check_store(out_dir)
     plan = Plan.from_dict(read_json(plan_file))
     cases = []
     for meta in sorted((out_dir / "cases").glob("*.json")):
-        npz = meta.with_suffix(".npz")
-        if not npz.is_file():
+        if ".tmp-" in meta.name or not meta.with_suffix(".b2nd").is_file():
             continue
-        props = read_json(meta)
-        cases.append(PreprocessedCase(
-            case_id=str(props.get("case_id", meta.stem)),
-            path=npz,
-            props=props,
-            shape=tuple(int(s) for s in props["shape"]),
-            has_seg=bool(props.get("has_seg")),
-        ))
+        cases.append(case_from_props(meta, read_json(meta)))
     if not cases:
         raise S3DError(f"{out_dir / 'cases'}: no preprocessed cases found")
     return plan, cases

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -33,6 +34,10 @@ def preprocessed_folder(folder: str | Path, spacing, *, norm: str | None = None,
             raise S3DError(f"{folder}: no labels found (labelsTr/); fine-tuning needs a labeled nnU-Net dataset")
     key = "|".join([str(folder.resolve()), str(spacing), *([tag] if tag else [])])
     out = (cache_dir or default_cache_dir()) / f"{folder.name}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    if (out / "plan.json").exists() and not (out / "store.json").exists():
+        # a cache of s3d < 0.2 (.npz volumes): rebuilt, never mixed with the blosc2 store
+        tqdm.write(f"{out}: cache in the old .npz format; rebuilding it as a blosc2 store")
+        shutil.rmtree(out)
     if not (out / "plan.json").exists():
         tqdm.write(f"preprocessing {folder} into {out}")
         ds = ds or find_dataset(folder)

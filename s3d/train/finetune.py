@@ -26,7 +26,7 @@ from s3d.checkpoint import read_json, save_model, write_json
 from s3d.errors import S3DError
 from s3d.nn.losses import DeepSupervisionLoss, DiceCELoss
 from s3d.train.cache import default_cache_dir, preprocessed_folder  # noqa: F401 - default_cache_dir re-exported
-from s3d.train.loop import Phase, TrainConfig, train
+from s3d.train.loop import Phase, TrainConfig, resolve_device, train
 
 SPLIT_SEED = 12345  # nnU-Net also uses a fixed seed (12345) for its 5-fold split
 SUBSET_SEED = 0
@@ -164,15 +164,19 @@ def schedule(cfg: FinetuneConfig, pretrained: bool) -> list[Phase]:
 
 
 def finetune(dataset: str | Path, output: str | Path, cfg: FinetuneConfig, *, resume: bool = False,
-             jobs: int = 1, cache_dir: Path | None = None) -> Path:
+             jobs: int = 1, cache_dir: Path | None = None, workers: int | None = None) -> Path:
     """Train a segmentation network on `dataset` and write it to `output` (model.safetensors +
-    config.json, the resumable state, log.csv and validation.jsonl). Returns `output`."""
+    config.json, the resumable state, log.csv and validation.jsonl). Returns `output`.
+    workers: DataLoader processes cutting patches (None: s3d.data.loader.default_workers(); 0: in
+    this process)."""
     from s3d.data.augment import Augmenter
+    from s3d.data.loader import default_workers, make_loader
     from s3d.data.preprocess import Plan, load_preprocessed
     from s3d.data.sampling import PatchDataset
     from s3d.nn.resenc import PRESETS, ResEncConfig, ResEncUNet, adjust_patch_size, plan_network
 
     output = Path(output)
+    workers = default_workers() if workers is None else workers
     if resume and (output / "finetune.json").exists():
         saved = read_json(output / "finetune.json")
         cfg = FinetuneConfig(**{**saved, "device": cfg.device})
@@ -249,9 +253,9 @@ def finetune(dataset: str | Path, output: str | Path, cfg: FinetuneConfig, *, re
 
     def make_batches(start_step: int):
         ds = PatchDataset([by_id[i] for i in train_ids], cfg.patch_size, cfg.batch_size,
-                          oversample_foreground=cfg.oversample_foreground, seed=cfg.seed * 100003 + start_step,
+                          oversample_foreground=cfg.oversample_foreground, seed=cfg.seed, start_step=start_step,
                           rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
-        return iter(ds)
+        return make_loader(ds, workers, resolve_device(cfg.device))
 
     def export(objective: SegmentationObjective, step: int) -> None:
         save_model(output, objective.network.state_dict(), {**run_config, "step": step})

@@ -11,9 +11,10 @@ import base64
 import contextlib
 import gzip
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -28,6 +29,7 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _ITK_SUFFIXES = (".nrrd", ".mha", ".mhd", ".nhdr")
 # ITK stores world coordinates in LPS, nibabel in RAS: the two differ by flipping x and y.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+_T = TypeVar("_T")
 
 
 @dataclass(eq=False)
@@ -108,12 +110,17 @@ def _spatial_shape(path: Path, shape: Sequence[int]) -> tuple[int, int, int]:
     return dims[0], dims[1], dims[2]
 
 
+def _affine_spacing(affine: np.ndarray, ndim: int = 3) -> np.ndarray:
+    """Voxel size in mm of the first `ndim` (<= 3) axes: the lengths of the affine's columns."""
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :ndim] ** 2).sum(axis=0))
+
+
 def _geometry(path: Path, shape: tuple[int, int, int], affine: np.ndarray,
               header: nib.Nifti1Header | None) -> Geometry:
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all():
         raise S3DError(f"{path}: the voxel-to-world affine / spacing is not finite")
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = _affine_spacing(affine)
     if not (spacing > 0).all():
         raise S3DError(f"{path}: voxel spacing {tuple(float(s) for s in spacing)} is not positive")
     return Geometry(shape=shape, spacing=tuple(float(s) for s in spacing), affine=affine, header=header,
@@ -164,12 +171,20 @@ def _load_nibabel(path: Path) -> _Raw:
     return _Raw(data.reshape(shape), slope, inter, geometry)
 
 
-def _load_sitk(path: Path) -> _Raw:
+def _sitk_reader(path: Path):  # -> SimpleITK.ImageFileReader, imported lazily like everywhere here
+    """A SimpleITK reader that has read the header of `path` (size, spacing, pixel type), no voxels."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
+    return reader
+
+
+def _load_sitk(path: Path) -> _Raw:
+    import SimpleITK as sitk
+
+    reader = _sitk_reader(path)
     if reader.GetNumberOfComponents() != 1:
         raise S3DError(f"{path}: has {reader.GetNumberOfComponents()} components per voxel; "
                        "s3d needs one 3-D scalar volume per file/channel")
@@ -192,7 +207,12 @@ def _load_sitk(path: Path) -> _Raw:
     return _Raw(data, 1.0, 0.0, geometry)
 
 
-def _load(path: str | Path) -> _Raw:
+def _dispatch(path: str | Path, with_nibabel: Callable[[Path], _T], with_sitk: Callable[[Path], _T],
+              failure: str) -> _T:
+    """Run the nibabel or the SimpleITK reader that fits the file name; any failure is an S3DError.
+
+    `failure` is the message after "PATH: ", with `{}` where the reader's one-line error goes.
+    """
     path = Path(path)
     if not path.exists():
         raise S3DError(f"{path}: file not found")
@@ -201,19 +221,153 @@ def _load(path: str | Path) -> _Raw:
     suffix = _suffix(path)
     try:
         if suffix in _ITK_SUFFIXES:
-            return _load_sitk(path)
+            return with_sitk(path)
         try:
-            return _load_nibabel(path)
+            return with_nibabel(path)
         except ImageFileError:
             if suffix in _NIFTI_SUFFIXES:
                 raise
-            return _load_sitk(path)
+            return with_sitk(path)
     except S3DError:
         raise
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure becomes a one-line user error
-        raise S3DError(f"{path}: cannot read image (truncated or corrupt?): {_one_line(e)}") from e
+        raise S3DError(f"{path}: " + failure.format(_one_line(e))) from e
+
+
+def _load(path: str | Path) -> _Raw:
+    return _dispatch(path, _load_nibabel, _load_sitk, "cannot read image (truncated or corrupt?): {}")
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file declares about itself, read without its voxels (see `read_header`)."""
+
+    path: Path
+    shape: tuple[int, ...]  # the full stored shape, every dimension, in (i, j, k, ...) order
+    # (i, j, k) when the file holds one 3-D volume (trailing singleton dims dropped), else None
+    spatial_shape: tuple[int, int, int] | None
+    spacing: tuple[float, ...]  # mm per spatial axis (up to 3), in the order of `shape`
+    dtype: np.dtype  # voxel type as stored (may be big-endian, complex or a structured RGB type)
+    # bytes in the file that holds the voxels (the file itself, or the .raw/.zraw of a .mhd/.nhdr);
+    # -1 when the voxels are spread over several files and nobody counted them
+    file_bytes: int
+    data_bytes: int  # declared voxel count * bytes per voxel (all components)
+    compressed: bool  # voxels not stored raw (gzip, bzip2, ASCII): file size says nothing about them
+    components: int = 1  # values per voxel: 3 for RGB, N for vector images
+    data_offset: int = 0  # where the voxels start in that file (NIfTI vox_offset, header length)
+
+    @property
+    def truncated(self) -> bool:
+        """An uncompressed file that is shorter than its header says (an interrupted copy)."""
+        return (not self.compressed and self.file_bytes >= 0
+                and self.file_bytes < self.data_offset + self.data_bytes)
+
+
+def _header_nibabel(path: Path) -> ImageHeader:
+    with np.errstate(invalid="ignore", over="ignore"):  # a broken affine is for the caller to judge
+        img = nib.load(str(path))  # nibabel reads the header only; voxels stay on disk until asked for
+        affine = np.asarray(img.affine, dtype=np.float64)
+    hdr = img.header
+    shape = tuple(int(s) for s in hdr.get_data_shape())
+    dtype = np.dtype(hdr.get_data_dtype())
+    # NIfTI RGB24 / RGBA32 are structured dtypes: one field per colour component
+    components = len(dtype.names) if dtype.names else 1
+    image_file = Path(img.file_map["image"].filename or path)
+    # the proxy's offset, not hdr.get_data_offset(): a single .nii with vox_offset 0 (as old writers
+    # left it) has its voxels after the 352 header bytes, which is where nibabel's proxy reads them
+    offset = int(getattr(img.dataobj, "offset", 0) or 0)
+    compressed = image_file.name.lower().endswith((".gz", ".bz2", ".zst", ".mgz"))
+    return ImageHeader(
+        path=path, shape=shape, spatial_shape=_maybe_spatial_shape(path, shape),
+        spacing=tuple(float(s) for s in _affine_spacing(affine, min(len(shape), 3))), dtype=dtype,
+        file_bytes=image_file.stat().st_size, data_bytes=int(np.prod(shape, dtype=np.int64)) * dtype.itemsize,
+        compressed=compressed, components=components, data_offset=offset)
+
+
+def _header_sitk(path: Path) -> ImageHeader:
+    import SimpleITK as sitk
+
+    reader = _sitk_reader(path)
+    shape = tuple(int(s) for s in reader.GetSize())  # ITK's (x, y, z) is our (i, j, k)
+    components = int(reader.GetNumberOfComponents())
+    # the numpy type of one component, as SimpleITK itself maps it for arrays
+    dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1], reader.GetPixelID(), components)).dtype
+    data_file, offset, compressed = _itk_layout(path)
+    return ImageHeader(
+        path=path, shape=shape, spatial_shape=_maybe_spatial_shape(path, shape),
+        spacing=tuple(float(s) for s in reader.GetSpacing()[:3]), dtype=dtype,
+        file_bytes=data_file.stat().st_size if data_file is not None else -1,
+        data_bytes=int(np.prod(shape, dtype=np.int64)) * components * dtype.itemsize,
+        compressed=compressed, components=components, data_offset=offset)
+
+
+def _maybe_spatial_shape(path: Path, shape: Sequence[int]) -> tuple[int, int, int] | None:
+    try:
+        return _spatial_shape(path, shape)
+    except S3DError:
+        return None
+
+
+def _itk_layout(path: Path) -> tuple[Path | None, int, bool]:
+    """(file holding the voxels or None when several, byte offset of the voxels there, compressed)
+    of a MetaImage (.mha/.mhd) or NRRD (.nrrd/.nhdr) file, from its text header.
+
+    SimpleITK does not tell whether the voxels are compressed, so the few keys that say where the
+    voxels are and how they are encoded are read here (MetaIO and NRRD0004 specifications).
+    """
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)  # real headers are a few hundred bytes
+    meta = not head.startswith(b"NRRD")
+    pos = 0
+    fields: dict[str, str] = {}
+    while pos < len(head):
+        end = head.find(b"\n", pos)
+        if end < 0:
+            raise S3DError(f"{path}: header has no end")
+        line = head[pos:end].decode("latin-1").strip()
+        pos = end + 1
+        if meta:
+            key, _, value = line.partition("=")
+            fields[key.strip().lower()] = value.strip()
+            if key.strip().lower() == "elementdatafile":  # always the last MetaImage header line
+                break
+        elif not line:  # NRRD: an empty line ends the header
+            break
+        elif not line.startswith("#"):
+            key, sep, value = line.partition(":")
+            if sep and not value.startswith("="):  # "key:=value" lines are key/value pairs, not fields
+                fields[key.strip().lower()] = value.strip()
+    if meta:
+        compressed = (fields.get("compresseddata", "false").lower() == "true"
+                      or fields.get("binarydata", "true").lower() == "false")
+        name = fields.get("elementdatafile", "LOCAL")
+        skip = int(fields.get("headersize", "0") or 0)
+        local = name.upper() == "LOCAL"
+        many = name.upper().startswith("LIST") or "%" in name or " " in name
+    else:
+        compressed = fields.get("encoding", "raw").lower() != "raw"
+        name = fields.get("data file", fields.get("datafile", ""))
+        skip = int(fields.get("byte skip", "0") or 0)
+        local = not name
+        many = name.upper().startswith("LIST") or " " in name
+    if many:
+        return None, 0, compressed
+    data_file = path if local else path.parent / name
+    if not data_file.is_file():
+        raise S3DError(f"{path}: its voxel file {data_file} is missing")
+    # a skip of -1 means "the voxels are the last bytes of the file": only the size can be checked
+    offset = (pos if local else 0) + max(skip, 0)
+    return data_file, offset, compressed
+
+
+def read_header(path: str | Path) -> ImageHeader:
+    """The header of an image file (shape, spacing in mm, voxel type, sizes), without reading voxels.
+
+    Cheap enough to run on every file of a 100k-image corpus before deciding to read it.
+    """
+    return _dispatch(path, _header_nibabel, _header_sitk, "cannot read image header ({})")
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:

@@ -108,6 +108,7 @@ def _worker_init() -> None:
 
 
 def _pretrain_job(method: str, run: Path, data: list[Path], spec: dict) -> dict:
+    from s3d.data.curation import CurationConfig
     from s3d.train.pretrain import PretrainConfig, pretrain
 
     t = time.time()
@@ -116,7 +117,10 @@ def _pretrain_job(method: str, run: Path, data: list[Path], spec: dict) -> dict:
     cfg = PretrainConfig(method=method, arch=spec["arch"], patch_size=tuple(spec["patch"]),
                          batch_size=spec["batch"], steps=spec["steps"], device=spec["device"],
                          checkpoint_every=max(1, spec["steps"] // 10), preview_every=max(1, spec["steps"] // 4))
-    pretrain(data, run, cfg, resume=(run / "state.json").exists())
+    # workers=0: the study runs one single-threaded job per core, a loader process would take a core
+    # min_fov_fraction=0: the hippocampus crops (35x50x35) are smaller than the 48^3 patch and are the data here
+    pretrain(data, run, cfg, resume=(run / "state.json").exists(), workers=0,
+             curation=CurationConfig(min_fov_fraction=0))
     return {"job": run.name, "wall_s": time.time() - t}
 
 
@@ -134,7 +138,7 @@ def _finetune_job(run: Path, prepared: Path, val_imgs: Path, val_refs: Path, lab
             weights=spec["weights"], from_scratch=spec["from_scratch"], checkpoint_every=max(1, spec["steps"] // 4),
             lr=spec["lr"], amp=spec["amp"],
         )
-        finetune(prepared, run, cfg, resume=(run / "state.json").exists())
+        finetune(prepared, run, cfg, resume=(run / "state.json").exists(), workers=0)
         preds = run / "val_predictions"
         predict_folder(val_imgs, preds, run, device=spec["device"], tta=spec["tta"], continue_=True,
                        amp=spec["amp"])
@@ -175,8 +179,9 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="tabulate the finished runs in --out, train nothing")
     args = ap.parse_args()
 
+    from s3d.data.curation import CurationConfig
     from s3d.train.finetune import FinetuneConfig, prepare_data, split_cases
-    from s3d.train.pretrain import prepare_unlabeled
+    from s3d.train.pretrain import PretrainConfig, prepare_corpus
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +202,8 @@ def main() -> None:
     prepared = prepare_data(args.data, (1.0, 1.0, 1.0))
     pretrain_data = [args.unlabeled, train_imgs]
     if args.methods:
-        prepare_unlabeled(pretrain_data, (1.0, 1.0, 1.0))
+        prepare_corpus(pretrain_data, PretrainConfig(patch_size=tuple(args.pretrain_patch)),
+                       curation=CurationConfig(min_fov_fraction=0))
     t0 = time.time()
 
     os.environ["OMP_NUM_THREADS"] = "1"

@@ -46,3 +46,41 @@ cache_dir_option = click.option(
     "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Where preprocessed raw folders are cached. Default: $S3D_CACHE/preprocessed or ~/.cache/s3d/preprocessed.",
 )
+workers_option = click.option(
+    "--workers", type=click.IntRange(min=0), default=None,
+    help="DataLoader processes that cut training patches from the preprocessed store (0: in the training "
+         "process). Default: the cores available to this process, divided among the torchrun processes on "
+         "this machine, minus one, at most 8.",
+)
+
+
+def curation_options(f: click.decorators.FC, fov: bool = True) -> click.decorators.FC:
+    """--min-slices, --min-voxels, --max-spacing (and --min-fov-fraction): which corpus files are skipped."""
+    from s3d.data.curation import CurationConfig
+
+    d = CurationConfig()
+    opts = [
+        click.option("--min-slices", type=click.IntRange(min=1), default=d.min_slices, show_default=True,
+                     help="Skip a file with fewer voxels than this along any axis (localizer / scout-like series)."),
+        click.option("--min-voxels", type=click.IntRange(min=1), default=d.min_voxels, show_default=True,
+                     help="Skip a file with fewer voxels than this in all (original grid)."),
+        click.option("--max-spacing", type=click.FloatRange(min=0, min_open=True), default=d.max_spacing,
+                     show_default=True,
+                     help="Skip a file whose voxel spacing is coarser than this (mm) along any axis."),
+    ]
+    if fov:
+        opts.append(click.option(
+            "--min-fov-fraction", type=click.FloatRange(min=0), default=d.min_fov_fraction, show_default=True,
+            help="Leave out a volume that is smaller than this fraction of --patch-size along two or more axes "
+                 "after resampling (0: keep all; padding fills the rest)."))
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def curation_config(min_slices: int, min_voxels: int, max_spacing: float,  # noqa: ANN201 - CurationConfig
+                    min_fov_fraction: float | None = None):
+    from s3d.data.curation import CurationConfig
+
+    extra = {} if min_fov_fraction is None else {"min_fov_fraction": min_fov_fraction}
+    return CurationConfig(min_slices=min_slices, min_voxels=min_voxels, max_spacing=max_spacing, **extra)

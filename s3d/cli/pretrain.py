@@ -9,12 +9,15 @@ import click
 from s3d.cli.options import (
     amp_option,
     cache_dir_option,
+    curation_config,
+    curation_options,
     device_option,
     jobs_option,
     patch_size_option,
     resume_option,
     seed_option,
     steps_option,
+    workers_option,
 )
 
 
@@ -56,19 +59,26 @@ from s3d.cli.options import (
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=250, show_default=True,
               help="Save weights, state and a preview PNG (input, masked input, reconstruction) every N steps.")
 @amp_option
+@workers_option
 @jobs_option
 @cache_dir_option
+@curation_options
 def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_size: int, steps: int, lr: float,
              spacing, mask_ratio: str, mask_block, temperature: float, same_position_weight: float,
              token_stage: int, ema_decay: float, flip_views: bool, no_augment: bool, seed: int, device: str,
              resume: bool,
-             checkpoint_every: int, amp: str, jobs: int, cache_dir) -> None:
+             checkpoint_every: int, amp: str, workers, jobs: int, cache_dir, min_slices: int, min_voxels: int,
+             max_spacing: float, min_fov_fraction: float) -> None:
     """Pre-train an encoder without labels: s3d pretrain DATA... OUTPUT.
 
-    DATA: one or more folders of images (raw NIfTI/NRRD/MHA folders, nnU-Net imagesTr folders or
-    `s3d preprocess` outputs); labels are not needed and each channel is a separate sample. OUTPUT
-    receives model.safetensors (encoder.* keys) + config.json, which `s3d finetune --weights OUTPUT`
-    accepts. Multi-GPU / multi-node: `torchrun --nproc-per-node N -m s3d pretrain ...`.
+    DATA: folders of images (searched recursively; NIfTI/NRRD/MHA; nnU-Net datasets give their
+    imagesTr/imagesTs), text files with one image path per line, nnssl pretrain_data.json files, or
+    stores written by `s3d preprocess --corpus` (used as they are, even while other parts are still
+    being written). Raw sources are curated (files that would poison training are skipped, with
+    their reason in the store's report.json) and preprocessed once into the cache. Each channel is a
+    separate sample. OUTPUT receives model.safetensors (encoder.* keys) + config.json, which
+    `s3d finetune --weights OUTPUT` accepts. Multi-GPU / multi-node: preprocess first, then
+    `torchrun --nproc-per-node N -m s3d pretrain STORE OUTPUT ...`.
     """
     from s3d.errors import S3DError
     from s3d.train.pretrain import PretrainConfig
@@ -78,8 +88,8 @@ def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_
         raise S3DError("give at least one DATA folder and the OUTPUT folder")
     *data, output = paths
     for d in data:
-        if not d.is_dir():
-            raise S3DError(f"{d}: not a folder")
+        if not d.exists():
+            raise S3DError(f"{d}: not found")
     if method != "mae":
         try:
             float(mask_ratio)
@@ -94,5 +104,6 @@ def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_
         view_mask_ratio=float(mask_ratio) if method != "mae" else 0.75, ema_decay=ema_decay,
         flip_views=flip_views,
     )
-    out = run(data, output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir)
+    out = run(data, output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir, workers=workers,
+              curation=curation_config(min_slices, min_voxels, max_spacing, min_fov_fraction))
     click.echo(f"pre-trained weights in {out} (fine-tune with: s3d finetune DATASET RUN --weights {out})")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from s3d import __version__
 from s3d.checkpoint import read_json, save_model, write_json
@@ -216,29 +217,72 @@ def network_config(cfg: PretrainConfig):  # noqa: ANN201 - ResEncConfig
     return net
 
 
-def prepare_unlabeled(folders: list[Path], spacing, jobs: int = 1, cache_dir: Path | None = None) -> list:
-    """Preprocessed cases of every folder (raw image folders are preprocessed at `spacing` with
-    z-score normalisation into the cache and reused)."""
-    from s3d.data.preprocess import load_preprocessed
-    from s3d.train.cache import preprocessed_folder
+def prepare_corpus(sources: list[Path], cfg: PretrainConfig, *, jobs: int = 1, cache_dir: Path | None = None,
+                   curation=None) -> tuple[list, list[dict]]:  # noqa: ANN001 - CurationConfig
+    """The store cases to pre-train on, and the volumes left out because they are smaller than the
+    patch ({"case_id", "path", "reason"}).
 
-    cases = []
-    for folder in folders:
-        out = preprocessed_folder(folder, tuple(spacing), norm="zscore", tag="pretrain", jobs=jobs,
-                                  cache_dir=cache_dir)
-        _, found = load_preprocessed(out)
-        cases += found
+    A source that is a store (`s3d preprocess` output, has plan.json) is used as it is, finished or
+    still being written by other parts. Every other source (folders searched recursively, text
+    files of paths, nnssl pretrain_data.json) is curated and preprocessed once into the cache at
+    cfg.spacing; a rerun only does what is missing (a new file, an interrupted run).
+    """
+    import hashlib
+
+    from tqdm.auto import tqdm
+
+    from s3d.data.corpus import find_corpus
+    from s3d.data.corpus_preprocess import corpus_plan, preprocess_corpus
+    from s3d.data.curation import CurationConfig, fov_reason
+    from s3d.data.preprocess import load_preprocessed
+    from s3d.train.cache import default_cache_dir
+
+    curation = curation or CurationConfig()
+    stores = [s for s in sources if (s / "plan.json").is_file()]
+    raw = [s for s in sources if s not in stores]
+    if raw:
+        images = find_corpus(raw)
+        if not images:
+            raise S3DError("no images found in " + ", ".join(str(r) for r in raw))
+        key = "|".join([*sorted(str(r.resolve()) for r in raw), str(tuple(cfg.spacing)), "corpus"])
+        name = raw[0].name if len(raw) == 1 else "corpus"
+        out = (cache_dir or default_cache_dir()) / f"{name}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+        tqdm.write(f"preprocessing {len(images)} image(s) into {out}")
+        report = preprocess_corpus(images, out, corpus_plan(cfg.spacing), jobs=jobs, patch_size=cfg.patch_size,
+                                   curation=curation)
+        tqdm.write(report.summary())
+        stores.append(out)
+    cases, small = [], []
+    for store in stores:
+        plan, found = load_preprocessed(store)
+        if not np.allclose(plan.target_spacing, cfg.spacing):
+            sp = " ".join(f"{s:g}" for s in plan.target_spacing)
+            raise S3DError(f"{store}: preprocessed at spacing {sp} mm, not --spacing "
+                           f"{' '.join(f'{s:g}' for s in cfg.spacing)}; pass --spacing {sp}")
+        for case in found:
+            reason = fov_reason(case.shape, cfg.patch_size, curation.min_fov_fraction)
+            if reason is None:
+                cases.append(case)
+            else:
+                small.append({"case_id": case.case_id, "path": str(case.path), "reason": reason})
     if not cases:
-        raise S3DError("no images found in " + ", ".join(str(f) for f in folders))
-    return cases
+        raise S3DError(f"no volume left to pre-train on ({len(small)} smaller than --patch-size "
+                       f"{' '.join(str(p) for p in cfg.patch_size)}; lower it or --min-fov-fraction)")
+    return cases, small
 
 
 def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *, resume: bool = False,
-             jobs: int = 1, cache_dir: Path | None = None) -> Path:
-    """Pre-train an encoder with `cfg.method` on every image of `data` and write `output`
-    (model.safetensors with `encoder.*` keys + config.json, state, log.csv, preview PNGs)."""
+             jobs: int = 1, cache_dir: Path | None = None, workers: int | None = None,
+             curation=None) -> Path:  # noqa: ANN001 - s3d.data.curation.CurationConfig
+    """Pre-train an encoder with `cfg.method` on every image of `data` (see prepare_corpus) and write
+    `output` (model.safetensors with `encoder.*` keys + config.json, state, log.csv, preview PNGs,
+    skipped_for_patch.json). workers: DataLoader processes (None: s3d.data.loader.default_workers())."""
+    import copy as _copy
+
     from s3d.data.augment import Augmenter
+    from s3d.data.loader import default_workers, make_loader
     from s3d.data.sampling import PatchDataset
+    from s3d.train.loop import resolve_device
 
     if cfg.method not in METHODS:
         raise S3DError(f"--method {cfg.method}: choose one of {', '.join(METHODS)}")
@@ -249,7 +293,18 @@ def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *,
                                 "patch_size": tuple(saved["patch_size"]), "spacing": tuple(saved["spacing"]),
                                 "mask_block": tuple(saved["mask_block"]) if saved.get("mask_block") else None})
     net_cfg = network_config(cfg)
-    cases = pretrain_cases = prepare_unlabeled([Path(d) for d in data], cfg.spacing, jobs=jobs, cache_dir=cache_dir)
+    sources = [Path(d) for d in data]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not all((s / "plan.json").is_file() for s in sources):
+        raise S3DError("under torchrun, preprocess first (`s3d preprocess SOURCES... STORE --corpus`, one machine "
+                       "or --part K --parts N on several) and pre-train on STORE, so that ranks do not race")
+    cases, small = prepare_corpus(sources, cfg, jobs=jobs, cache_dir=cache_dir, curation=curation)
+    num_cases = len(cases)
+    # the compact table every loader worker gets; the case objects are not needed after this
+    dataset = PatchDataset(cases, cfg.patch_size, cfg.batch_size, oversample_foreground=0.0, seed=cfg.seed,
+                           rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                           channels_as_samples=True, with_valid_mask=cfg.method == "mae")
+    del cases
+    workers = default_workers() if workers is None else workers
     augmenter = Augmenter.for_pretraining(cfg.patch_size) if cfg.augment else None
 
     torch.manual_seed(cfg.seed)
@@ -277,19 +332,22 @@ def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *,
         "plan": {"target_spacing": list(cfg.spacing), "normalization": ["zscore"]},
         "patch_size": list(cfg.patch_size),
         "pretrain": cfg.to_dict(),
-        "data": {"folders": [str(d) for d in data], "num_cases": len(pretrain_cases)},
+        "data": {"sources": [str(d) for d in data], "num_cases": num_cases, "skipped_for_patch": len(small)},
         **extra,
     }
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / "pretrain.json", cfg.to_dict())
+    write_json(output / "skipped_for_patch.json", small, indent=1)
+    if small:
+        tqdm.write(f"{num_cases} volume(s) to pre-train on; {len(small)} left out as smaller than the patch "
+                   f"(listed in {output / 'skipped_for_patch.json'})")
     train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, checkpoint_every=cfg.checkpoint_every, device=cfg.device,
                             amp=cfg.amp, seed=cfg.seed)
 
     def make_batches(start_step: int):
-        return iter(PatchDataset(cases, cfg.patch_size, cfg.batch_size, oversample_foreground=0.0,
-                                 seed=cfg.seed * 100003 + start_step, rank=int(os.environ.get("RANK", 0)),
-                                 world_size=int(os.environ.get("WORLD_SIZE", 1)), channels_as_samples=True,
-                                 with_valid_mask=cfg.method == "mae"))
+        resumed = _copy.copy(dataset)
+        resumed.start_step = start_step
+        return make_loader(resumed, workers, resolve_device(cfg.device))
 
     def export(obj: nn.Module, step: int) -> None:
         state = {k: v for k, v in obj.state_dict().items()

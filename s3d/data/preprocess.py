@@ -7,7 +7,7 @@ nnU-Net v2 (Isensee et al., Nature Methods 2021; nnunetv2 `DatasetFingerprintExt
 
 Output layout of `preprocess_dataset(ds, out_dir, plan)`:
     out_dir/plan.json          Plan.to_dict(), written LAST: its presence marks a finished folder
-    out_dir/store.json         the store format (s3d.data.store); absent in folders of s3d < 0.2 (.npz)
+    out_dir/store.json         the store format (s3d.data.store); absent in folders of an older s3d (.npz)
     out_dir/fingerprint.json   dataset statistics (when given)
     out_dir/dataset.json       copy of the raw dataset.json (generated for a plain image folder)
     out_dir/cases/             one case = CASE.b2nd (+ CASE_seg.b2nd, CASE_locations.npy) + CASE.json,
@@ -613,7 +613,7 @@ def _preprocess_one(args: tuple) -> tuple[str, bool]:
 
 
 def remove_old_store(out_dir: Path) -> int:
-    """Delete the .npz cases of an s3d < 0.2 folder (never mixed with blosc2 cases); how many there were."""
+    """Delete the .npz cases of an older s3d (never mixed with blosc2 cases); how many there were."""
     old = sorted((out_dir / "cases").glob("*.npz")) if (out_dir / "cases").is_dir() else []
     if old:
         from tqdm.auto import tqdm

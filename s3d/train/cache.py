@@ -35,7 +35,7 @@ def preprocessed_folder(folder: str | Path, spacing, *, norm: str | None = None,
     key = "|".join([str(folder.resolve()), str(spacing), *([tag] if tag else [])])
     out = (cache_dir or default_cache_dir()) / f"{folder.name}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if (out / "plan.json").exists() and not (out / "store.json").exists():
-        # a cache of s3d < 0.2 (.npz volumes): rebuilt, never mixed with the blosc2 store
+        # a cache of an older s3d (.npz volumes): rebuilt, never mixed with the blosc2 store
         tqdm.write(f"{out}: cache in the old .npz format; rebuilding it as a blosc2 store")
         shutil.rmtree(out)
     if not (out / "plan.json").exists():

@@ -75,8 +75,7 @@ class CorpusReport:
 
 def _reason_kind(reason: str) -> str:
     """The short kind of a skip reason, for the summary line ("constant image", "truncated"...)."""
-    text = reason.split(": ", 1)[1] if ": " in reason and reason.startswith(("/", ".")) else reason
-    return text.split(" (")[0].split(":")[0][:48]
+    return reason.split(" (")[0].split(":")[0][:48]
 
 
 def _file_stamp(path: Path) -> list[int] | None:
@@ -155,6 +154,8 @@ def _corpus_one(args: tuple) -> tuple[str, str, str | None]:
     except Exception as e:  # noqa: BLE001 - one bad file must not end a run over 100k files
         reason = f"{image.path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
     reason = " ".join(str(reason).split())
+    # the path has its own field in the report; readers' messages start with it
+    reason = reason.removeprefix(f"{image.path}: ") or reason
     write_json(skip_file, {"path": str(image.path), "reason": reason, "stamp": stamp, "curation": curation_dict},
                indent=None)
     return image.case_id, "skipped", reason

@@ -762,9 +762,13 @@ class PreprocessedCase:
 
 
 def case_from_props(meta: Path, props: dict) -> PreprocessedCase:
+    """The case whose CASE.json is `meta`, holding `props` (its parsed content)."""
+    from s3d.data.store import case_paths
+
+    case_id = str(props.get("case_id", meta.stem))
     return PreprocessedCase(
-        case_id=str(props.get("case_id", meta.stem)),
-        path=meta.with_suffix(".b2nd"),
+        case_id=case_id,
+        path=case_paths(meta.parent, case_id)["data"],
         shape=tuple(int(s) for s in props["shape"]),
         has_seg=bool(props.get("has_seg")),
         num_channels=int(props.get("num_channels", 1)),

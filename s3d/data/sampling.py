@@ -136,9 +136,10 @@ class PatchDataset(IterableDataset):
         # open store files belong to one process; a worker started by spawn / forkserver opens its own
         return {**self.__dict__, "_open": OrderedDict(), "_locations": OrderedDict()}
 
-    def __copy__(self) -> PatchDataset:
+    def from_step(self, step: int) -> PatchDataset:
+        """The same dataset, its stream starting at batch `step` (a resumed run)."""
         new = PatchDataset.__new__(PatchDataset)
-        new.__dict__.update(self.__getstate__())
+        new.__dict__.update({**self.__getstate__(), "start_step": int(step)})
         return new
 
     def __len__(self) -> int:  # number of cases, not of batches (the stream is endless)

@@ -229,8 +229,6 @@ def prepare_corpus(sources: list[Path], cfg: PretrainConfig, *, jobs: int = 1, c
     """
     import hashlib
 
-    from tqdm.auto import tqdm
-
     from s3d.data.corpus import find_corpus
     from s3d.data.corpus_preprocess import corpus_plan, preprocess_corpus
     from s3d.data.curation import CurationConfig, fov_reason
@@ -277,8 +275,6 @@ def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *,
     """Pre-train an encoder with `cfg.method` on every image of `data` (see prepare_corpus) and write
     `output` (model.safetensors with `encoder.*` keys + config.json, state, log.csv, preview PNGs,
     skipped_for_patch.json). workers: DataLoader processes (None: s3d.data.loader.default_workers())."""
-    import copy as _copy
-
     from s3d.data.augment import Augmenter
     from s3d.data.loader import default_workers, make_loader
     from s3d.data.sampling import PatchDataset
@@ -297,6 +293,9 @@ def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *,
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not all((s / "plan.json").is_file() for s in sources):
         raise S3DError("under torchrun, preprocess first (`s3d preprocess SOURCES... STORE --corpus`, one machine "
                        "or --part K --parts N on several) and pre-train on STORE, so that ranks do not race")
+    from s3d.data.curation import CurationConfig
+
+    curation = curation or CurationConfig()
     cases, small = prepare_corpus(sources, cfg, jobs=jobs, cache_dir=cache_dir, curation=curation)
     num_cases = len(cases)
     # the compact table every loader worker gets; the case objects are not needed after this
@@ -332,7 +331,8 @@ def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *,
         "plan": {"target_spacing": list(cfg.spacing), "normalization": ["zscore"]},
         "patch_size": list(cfg.patch_size),
         "pretrain": cfg.to_dict(),
-        "data": {"sources": [str(d) for d in data], "num_cases": num_cases, "skipped_for_patch": len(small)},
+        "data": {"sources": [str(d) for d in data], "num_cases": num_cases, "skipped_for_patch": len(small),
+                 "curation": curation.to_dict()},
         **extra,
     }
     output.mkdir(parents=True, exist_ok=True)
@@ -345,9 +345,7 @@ def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *,
                             amp=cfg.amp, seed=cfg.seed)
 
     def make_batches(start_step: int):
-        resumed = _copy.copy(dataset)
-        resumed.start_step = start_step
-        return make_loader(resumed, workers, resolve_device(cfg.device))
+        return make_loader(dataset.from_step(start_step), workers, resolve_device(cfg.device))
 
     def export(obj: nn.Module, step: int) -> None:
         state = {k: v for k, v in obj.state_dict().items()

@@ -65,17 +65,15 @@ def _no_fov(f: click.decorators.FC) -> click.decorators.FC:
 @click.option("--parts", type=click.IntRange(min=1), default=1, show_default=True,
               help="--corpus: the number N of parts the files are split into (by a hash of each file's id, so "
                    "every machine computes the same split).")
-@patch_size_option((160, 160, 160), "The blosc2 chunks are laid out for reading patches of this size; any "
-                                    "patch size reads correctly later. Default: S3D's 160^3 with --corpus, else "
-                                    "128^3.")
+@patch_size_option(None, "The blosc2 chunks are laid out for reading patches of this size; any patch size "
+                         "reads correctly later. Default: S3D's 160 160 160 with --corpus, else 128 128 128.")
 @_no_fov
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=2, show_default=True,
               help="Worker processes (one case each at a time; each holds a few copies of one volume in memory).")
 @click.option("--overwrite", is_flag=True,
               help="Redo every case, and accept an OUTPUT made with other settings. Default: finished cases "
                    "made with the same settings are kept (an interrupted run resumes).")
-@click.pass_context
-def preprocess(ctx: click.Context, paths: tuple[Path, ...], spacing: str, norm: str, corpus: bool, part: int,
+def preprocess(paths: tuple[Path, ...], spacing: str, norm: str, corpus: bool, part: int,
                parts: int, patch_size, min_slices: int, min_voxels: int, max_spacing: float, jobs: int,
                overwrite: bool) -> None:
     """Validate INPUT, then crop, normalise and resample every case into OUTPUT.
@@ -89,6 +87,8 @@ def preprocess(ctx: click.Context, paths: tuple[Path, ...], spacing: str, norm: 
     their data.
     """
     from s3d.cli import UserError
+    from s3d.data.corpus_preprocess import CORPUS_LAYOUT_PATCH
+    from s3d.data.preprocess import DEFAULT_LAYOUT_PATCH
 
     if len(paths) < 2:
         raise UserError("give INPUT and OUTPUT (several INPUTs with --corpus)")
@@ -99,8 +99,7 @@ def preprocess(ctx: click.Context, paths: tuple[Path, ...], spacing: str, norm: 
         if output.resolve() == i.resolve() or (i.is_dir() and i.resolve() in output.resolve().parents):
             raise UserError(f"{output}: output folder must not be INPUT or inside it")
     corpus = corpus or len(inputs) > 1 or any(i.is_file() for i in inputs)
-    layout_patch = tuple(patch_size) if ctx.get_parameter_source("patch_size").name != "DEFAULT" or corpus \
-        else (128, 128, 128)
+    layout_patch = tuple(patch_size) if patch_size else (CORPUS_LAYOUT_PATCH if corpus else DEFAULT_LAYOUT_PATCH)
     try:
         if corpus:
             _preprocess_corpus(inputs, output, spacing, norm, part, parts, layout_patch,

@@ -133,6 +133,26 @@ def test_predict_rejects_a_bad_file_with_one_line(trained_run, tmp_path):
     assert "Traceback" not in res.output
 
 
+def test_predict_refuses_nan_and_complex_images_and_goes_on_with_the_good_ones(trained_run, small_dataset, tmp_path):
+    """A NaN voxel used to give an all-background mask and exit 0; complex voxels lost their imaginary part."""
+    src = sorted((small_dataset / "imagesTr").glob("*.nii.gz"))[0]
+    img = nib.load(src)
+    vol = np.asarray(img.dataobj).astype(np.float32)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    nan = vol.copy()
+    nan[5, 5, 5] = np.nan
+    nib.save(nib.Nifti1Image(nan, img.affine), inp / "a_nan.nii.gz")
+    nib.save(nib.Nifti1Image(vol.astype(np.complex64), img.affine), inp / "b_complex.nii.gz")
+    shutil.copy(src, inp / "c_good.nii.gz")
+    res = CliRunner().invoke(cli, ["predict", "-i", str(inp), "-o", str(tmp_path / "o"), "-m", str(trained_run),
+                                   "--device", "cpu"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "a_nan.nii.gz: 1 NaN/inf voxels" in res.output and "b_complex.nii.gz: complex voxels" in res.output
+    assert "2 of 3 cases could not be predicted" in str(res.exception)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["c_good.nii.gz"]  # nothing written for the bad
+
+
 def test_transfer_encoder_replicates_the_stem_over_channels():
     from s3d.nn.resenc import ResEncUNet, plan_network
 

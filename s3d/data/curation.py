@@ -22,15 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from s3d.data.io import Geometry, ImageHeader, _one_line, read_header, read_image
+from s3d.data.io import Geometry, ImageHeader, _one_line, count_nonfinite, read_header, read_image
 from s3d.errors import S3DError
 
 # Header spacings are float32 and often written from DICOM with round-off (the TCIA brain series
 # in shared/data/unlabeled declare 6.4999995 and 6.5000033 mm for 6.5 mm slices): a spacing
 # within this relative tolerance of max_spacing counts as equal, like same_grid's rtol in io.py.
 SPACING_RTOL = 1e-3
-# NaN/inf are counted in chunks of this many voxels, so a 1 GB volume needs no 1 GB mask on top
-_CHUNK = 1 << 22
 
 
 @dataclass
@@ -151,14 +149,6 @@ def header_reason(path: str | Path, cfg: CurationConfig | None = None) -> str | 
         return f"{path}: cannot read image header ({_one_line(e)})"
 
 
-def _count_nonfinite(data: np.ndarray) -> int:
-    if not np.issubdtype(data.dtype, np.inexact):
-        return 0
-    flat = data.reshape(-1)  # a view for the C-ordered arrays read_image returns
-    return sum(int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
-               for chunk in (flat[i:i + _CHUNK] for i in range(0, flat.size, _CHUNK)))
-
-
 def array_reason(data: np.ndarray, path: str | Path | None = None, cfg: CurationConfig | None = None) -> str | None:
     """Why the voxels `data` (any shape, usually (i, j, k)) would poison pre-training, or None.
 
@@ -171,7 +161,7 @@ def array_reason(data: np.ndarray, path: str | Path | None = None, cfg: Curation
         return "no voxels"
     if np.iscomplexobj(data):
         return f"complex voxels ({data.dtype}): store magnitude images"
-    bad = _count_nonfinite(data)
+    bad = count_nonfinite(data)
     if bad:
         return f"{bad} NaN/inf voxels (of {data.size})"
     lo, hi = data.min(), data.max()

@@ -141,6 +141,12 @@ class _Raw:
         return self.slope != 1.0 or self.inter != 0.0
 
     def as_float32(self) -> np.ndarray:
+        """float32 voxels with the scaling applied; S3DError for complex or NaN/inf voxels, which
+        every command rejects rather than silently turning them into a wrong answer (a NaN image
+        z-scores to all-NaN and predicts as background; a cast drops the imaginary part)."""
+        source = self.geometry.source
+        if np.iscomplexobj(self.data):
+            raise S3DError(f"{source}: complex voxels ({self.data.dtype}); store the magnitude image")
         # one cast from the stored dtype; scaling in float32 avoids a float64 copy of big volumes
         out = np.asarray(self.data, dtype=np.float32, order="C")
         if self.scaled and not out.flags.writeable:
@@ -149,7 +155,21 @@ class _Raw:
             out *= np.float32(self.slope)
         if self.inter != 0.0:
             out += np.float32(self.inter)
+        if np.issubdtype(self.data.dtype, np.floating) or self.scaled:
+            bad = count_nonfinite(out)
+            if bad:
+                raise S3DError(f"{source}: {bad} NaN/inf voxels (of {out.size}); s3d does not guess values, "
+                               "fix the image")
         return out
+
+
+def count_nonfinite(data: np.ndarray, chunk: int = 1 << 22) -> int:
+    """NaN/inf voxels of `data`, counted in chunks so that a 1 GB volume needs no 1 GB mask."""
+    if not np.issubdtype(data.dtype, np.inexact):
+        return 0
+    flat = data.reshape(-1)
+    return sum(int(c.size - np.count_nonzero(np.isfinite(c))) for c in (flat[i:i + chunk]
+                                                                       for i in range(0, flat.size, chunk)))
 
 
 def _load_nibabel(path: Path) -> _Raw:

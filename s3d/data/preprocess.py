@@ -581,15 +581,31 @@ def plan_dataset(
 DEFAULT_LAYOUT_PATCH = (128, 128, 128)
 
 
-def case_is_current(meta: Path, digest: str) -> bool:
-    """True when CASE.json exists, was made with the plan of `digest` and the current store format."""
+def case_is_current(meta: Path, digest: str, stamp: list | None = None) -> bool:
+    """True when CASE.json exists, was made with the plan of `digest` and the current store format,
+    and (when `stamp` is given) from source files of that size and modification time."""
     from s3d.data.store import STORE_VERSION
 
     try:
         props = json.loads(meta.read_text())
     except (OSError, ValueError):
         return False
-    return props.get("plan_digest") == digest and props.get("store_version") == STORE_VERSION
+    return (props.get("plan_digest") == digest and props.get("store_version") == STORE_VERSION
+            and (stamp is None or props.get("source_stamp") == stamp))
+
+
+def source_stamp(paths: Sequence[str | Path | None]) -> list:
+    """[[name, size, mtime_ns], ...] of a case's source files: changes when any of them is edited."""
+    out = []
+    for p in paths:
+        if p is None:
+            continue
+        try:
+            st = os.stat(p)
+            out.append([Path(p).name, int(st.st_size), int(st.st_mtime_ns)])
+        except OSError:
+            out.append([Path(p).name, None, None])
+    return out
 
 
 def _preprocess_one(args: tuple) -> tuple[str, bool]:
@@ -597,7 +613,8 @@ def _preprocess_one(args: tuple) -> tuple[str, bool]:
     from s3d.data.io import read_channels, read_label
     from s3d.data.store import case_paths, write_case
 
-    if not overwrite and case_is_current(case_paths(cases_dir, case.case_id)["meta"], digest):
+    stamp = source_stamp([*case.images, case.label])
+    if not overwrite and case_is_current(case_paths(cases_dir, case.case_id)["meta"], digest, stamp):
         return case.case_id, False
     plan = Plan.from_dict(plan_dict)
     images, geometry = read_channels(case.images)
@@ -606,7 +623,7 @@ def _preprocess_one(args: tuple) -> tuple[str, bool]:
     del images, seg
     locations = props.pop("class_locations")
     props.update(case_id=case.case_id, shape=list(data.shape[1:]), has_seg=seg_out is not None,
-                 num_channels=int(data.shape[0]), plan_digest=digest,
+                 num_channels=int(data.shape[0]), plan_digest=digest, source_stamp=stamp,
                  class_location_labels=sorted(int(k) for k in locations))
     write_case(cases_dir, case.case_id, data, props, patch_size, seg=seg_out, locations=locations)
     return case.case_id, True
@@ -658,7 +675,8 @@ def preprocess_dataset(
 ) -> list[str]:
     """Validate `ds` (DatasetProblems lists every problem; nothing is written then) and preprocess
     every case into out_dir (layout in the module docstring) with `jobs` processes. Finished cases
-    made with the same plan are skipped unless overwrite; cases of an older s3d (.npz) are rebuilt.
+    made with the same plan from unchanged source files are skipped unless overwrite; cases of an
+    older s3d (.npz) are rebuilt and cases no longer in `ds` removed.
     `patch_size` (voxels) is the training patch the blosc2 chunks are laid out for. Returns the ids
     of the cases (re)written."""
     out_dir = Path(out_dir)
@@ -681,11 +699,11 @@ def preprocess_dataset(
         raise S3DError(f"{out_dir}: cannot create output folder ({e.strerror})") from e
     if plan_file.exists():
         plan_file.unlink()  # re-appears only when every case is done (finetune treats it as "finished")
-    if overwrite:
-        keep = {c.case_id for c in ds.cases}
-        for p in cases_dir.iterdir():
-            if ".tmp-" in p.name or _case_of_file(p.name) not in keep:
-                p.unlink() if p.is_file() else shutil.rmtree(p)
+    # cases no longer in the dataset go: training reads every case of the folder
+    keep = {c.case_id for c in ds.cases}
+    for p in cases_dir.iterdir():
+        if ".tmp-" in p.name or _case_of_file(p.name) not in keep:
+            p.unlink() if p.is_file() else shutil.rmtree(p)
     remove_old_store(out_dir)
     write_store_marker(out_dir, patch_size)
     write_json(out_dir / "dataset.json", _dataset_json(ds), indent=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -83,4 +84,5 @@ def finetune(dataset: Path, output: Path, arch: str, patch_size, batch_size: int
         amp=amp, checkpoint_every=checkpoint_every,
     )
     out = run(dataset, output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir, workers=workers)
-    click.echo(f"model written to {out} (predict with: s3d predict -i IMAGES -o OUT -m {out})")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once rather than once per rank
+        click.echo(f"model written to {out} (predict with: s3d predict -i IMAGES -o OUT -m {out})")

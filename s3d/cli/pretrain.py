@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -106,4 +107,5 @@ def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_
     )
     out = run(data, output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir, workers=workers,
               curation=curation_config(min_slices, min_voxels, max_spacing, min_fov_fraction))
-    click.echo(f"pre-trained weights in {out} (fine-tune with: s3d finetune DATASET RUN --weights {out})")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once rather than once per rank
+        click.echo(f"pre-trained weights in {out} (fine-tune with: s3d finetune DATASET RUN --weights {out})")

@@ -338,7 +338,7 @@ def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *,
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / "pretrain.json", cfg.to_dict())
     write_json(output / "skipped_for_patch.json", small, indent=1)
-    if small:
+    if small and int(os.environ.get("RANK", "0")) == 0:
         tqdm.write(f"{num_cases} volume(s) to pre-train on; {len(small)} left out as smaller than the patch "
                    f"(listed in {output / 'skipped_for_patch.json'})")
     train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, checkpoint_every=cfg.checkpoint_every, device=cfg.device,

@@ -288,3 +288,47 @@ def test_geometry_dict_is_json_and_restores_the_header(edge_cases_dir):
     assert np.array_equal(back.affine, geo.affine)
     assert back.header.binaryblock == geo.header.binaryblock
     assert back.header.endianness == ">"
+
+
+def _hostile_header(src, dst, dims, gz: bool):
+    """A real file's header declaring `dims`, followed by a few real voxel bytes only."""
+    hdr = nib.load(src).header.copy()
+    hdr.set_data_shape(dims)
+    blob = hdr.binaryblock + b"\x00" * 4 + np.asarray(nib.load(src).dataobj).tobytes()[:64]
+    if gz:
+        blob = gzip.compress(blob)
+    dst.write_bytes(blob)
+    return dst
+
+
+@pytest.mark.parametrize("dims,gz", [((32767, 32767, 32767), True), ((800, 800, 800), True),
+                                     ((32767, 32767, 32767), False), ((800, 800, 800), False)])
+def test_hostile_headers_fail_in_one_line_before_any_allocation(hippocampus_dir, tmp_path, dims, gz):
+    import tracemalloc
+
+    from s3d.data.io import read_image, read_label
+
+    src = hippocampus_dir / "imagesTr" / "hippocampus_001_0000.nii.gz"
+    bad = _hostile_header(src, tmp_path / ("big.nii.gz" if gz else "big.nii"), dims, gz)
+    assert bad.stat().st_size < 1000
+    for reader in (read_image, read_label):
+        tracemalloc.start()
+        with pytest.raises(S3DError) as e:
+            reader(bad)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(str(bad))
+        assert ("corrupt header" in msg) if gz else ("truncated" in msg)
+        assert peak < 20 << 20, peak  # no volume-sized buffer was ever allocated
+
+
+def test_images_beyond_the_memory_budget_are_refused(hippocampus_dir, monkeypatch):
+    from s3d.data.io import memory_budget, read_image
+
+    src = hippocampus_dir / "imagesTr" / "hippocampus_001_0000.nii.gz"
+    assert memory_budget() > 1 << 30
+    read_image(src)
+    monkeypatch.setenv("S3D_MAX_IMAGE_BYTES", "100000")
+    with pytest.raises(S3DError, match="more than the memory budget of .* S3D_MAX_IMAGE_BYTES"):
+        read_image(src)

@@ -256,7 +256,53 @@ def _dispatch(path: str | Path, with_nibabel: Callable[[Path], _T], with_sitk: C
         raise S3DError(f"{path}: " + failure.format(_one_line(e))) from e
 
 
+# deflate (gzip, zlib: .nii.gz, compressed .mha/.mhd/.nrrd) cannot compress better than about 1032:1
+# (RFC 1951: at most 258 bytes from one 2-bit-minimum code); a header that declares more voxel bytes
+# than that for its file is corrupt or hostile, however small the file.
+MAX_DEFLATE_RATIO = 1032
+
+
+def memory_budget() -> int:
+    """Bytes one image may take once read (stored voxels + the float32 copy): $S3D_MAX_IMAGE_BYTES,
+    else half of this machine's memory, so that a hostile header fails with a message instead of
+    a MemoryError (or the OOM killer) halfway through a folder."""
+    env = os.environ.get("S3D_MAX_IMAGE_BYTES")
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise S3DError(f"S3D_MAX_IMAGE_BYTES={env!r}: expected a number of bytes") from None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): a laptop-sized default
+        return 8 << 30
+
+
+def check_declared_size(h: ImageHeader) -> None:
+    """S3DError when the header declares voxels the file cannot hold or this machine cannot hold,
+    before a single voxel is read."""
+    if h.truncated:
+        raise S3DError(f"{h.path}: truncated: {h.file_bytes} bytes on disk, the header declares "
+                       f"{h.data_offset + h.data_bytes}")
+    deflate = h.path.name.lower().endswith((".gz", ".mha", ".mhd", ".nrrd", ".nhdr"))
+    if h.compressed and deflate and 0 < h.file_bytes and h.data_bytes > MAX_DEFLATE_RATIO * h.file_bytes:
+        raise S3DError(f"{h.path}: corrupt header: declares shape {tuple(h.shape)} ({h.data_bytes / 2**30:.3g} GiB "
+                       f"of voxels) in a {h.file_bytes}-byte compressed file")
+    voxels = h.data_bytes // max(1, h.dtype.itemsize)
+    needed = h.data_bytes + 4 * voxels
+    budget = memory_budget()
+    if needed > budget:
+        raise S3DError(f"{h.path}: declares shape {tuple(h.shape)}, {needed / 2**30:.3g} GiB once read, more than "
+                       f"the memory budget of {budget / 2**30:.3g} GiB (set S3D_MAX_IMAGE_BYTES to allow more)")
+
+
 def _load(path: str | Path) -> _Raw:
+    try:
+        header = read_header(path)
+    except S3DError:
+        header = None  # the full read below reports the problem in its own words
+    if header is not None:
+        check_declared_size(header)
     return _dispatch(path, _load_nibabel, _load_sitk, "cannot read image (truncated or corrupt?): {}")
 
 

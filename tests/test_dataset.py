@@ -229,3 +229,16 @@ def test_test_split(tmp_path):
     ds = find_dataset(root, split="Ts")
     assert [c.case_id for c in ds.cases] == ["t1", "t2"]
     assert all(c.label is None for c in ds.cases) and ds.split == "Ts"
+
+
+def test_label_values_with_a_gap_are_one_line_before_anything_is_allocated(hippocampus_dir, tmp_path):
+    root = tmp_path / "Dataset_Gap"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    shutil.copy(hippocampus_dir / "imagesTr" / "hippocampus_001_0000.nii.gz", root / "imagesTr")
+    shutil.copy(hippocampus_dir / "labelsTr" / "hippocampus_001.nii.gz", root / "labelsTr")
+    (root / "dataset.json").write_text(json.dumps({**HIPPO_JSON, "labels": {"background": 0, "anterior": 1,
+                                                                          "posterior": 60000}}))
+    with pytest.raises(S3DError, match=r"label values must be consecutive 0, 1, 2, \.\.\. .*got 0, 1, 60000") as e:
+        find_dataset(root)
+    assert "\n" not in str(e.value) and "dataset.json" in str(e.value)

@@ -151,6 +151,12 @@ def _read_dataset_json(path: Path) -> tuple[dict[int, str], dict[str, int], str]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
             raise S3DError(f"{path}: label \"{name}\" has value {value!r}; label values must be integers")
         labels[str(name)] = int(value)
+    values = sorted(set(labels.values()))
+    if values != list(range(len(values))):
+        # nnU-Net's rule too (verify_dataset_integrity); a gap also sizes the network's output and every
+        # one-hot map by the largest value, so {"tumor": 60000} would allocate 60001 channels per voxel
+        raise S3DError(f"{path}: label values must be consecutive 0, 1, 2, ... (nnU-Net's rule), got "
+                       f"{', '.join(str(v) for v in values[:10])}{', ...' if len(values) > 10 else ''}")
     ending = d.get("file_ending", ".nii.gz")
     if not isinstance(ending, str) or not ending.startswith("."):
         raise S3DError(f"{path}: file_ending must be a string such as \".nii.gz\", got {ending!r}")

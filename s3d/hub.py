@@ -529,9 +529,30 @@ def _load_or_convert(pth: Path, repo_id: str, entry: WeightsEntry | None, cache:
     return ResolvedWeights(config=read_json(target / CONFIG_FILE), source=desc, path=target / MODEL_FILE)
 
 
+# The Hub's repo id rule (huggingface_hub validate_repo_id): owner/name of letters, digits, "-", "_", ".",
+# no "--" or "..", at most 96 characters.
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,94})?/[A-Za-z0-9][\w.-]{0,95}$")
+# git's ref-name rules (git check-ref-format) that matter for a path: no "..", "//", "@{", control
+# characters, spaces or any of ~^:?*[\ ; no leading or trailing "/" or ".", no ".lock" ending.
+_BAD_REV_RE = re.compile(r"\.\.|//|@\{|[\x00-\x20\x7f~^:?*\[\\]|^[/.]|[/.]$|\.lock$|/\.")
+
+
+def check_hub_names(repo_id: str, revision: str | None, label: str) -> None:
+    """S3DError unless `repo_id` and `revision` follow the Hub's and git's naming rules: they become
+    paths inside the Hub cache, so `../` in either would read files outside it."""
+    if not _HUB_ID_RE.match(repo_id) or "--" in repo_id or ".." in repo_id or len(repo_id) > 96:
+        raise S3DError(f"weights {label!r}: {repo_id!r} is not a valid Hub repo id (owner/name of letters, digits, "
+                       "'-', '_', '.')")
+    if revision is not None and (not revision or len(revision) > 255 or _BAD_REV_RE.search(revision)):
+        raise S3DError(f"weights {label!r}: revision {revision!r} is not a valid git revision (a branch, tag or "
+                       "commit sha)")
+
+
 def _resolve_hub(repo_id: str, revision: str | None, entry: WeightsEntry | None, label: str,
                  cache: Path, local_only: bool, env_offline: bool) -> ResolvedWeights:
     from s3d.checkpoint import read_json
+
+    check_hub_names(repo_id, revision, label)
 
     def fetch(name: str, missing_ok: bool = False) -> Path | None:
         return _hub_file(repo_id, name, revision, cache, local_only, label, env_offline, missing_ok)

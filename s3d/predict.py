@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from s3d.errors import S3DError
+from s3d.errors import S3DError, one_line
 
 
 @dataclass
@@ -145,7 +145,7 @@ def predict_folder(
         try:
             images, geometry = read_channels(case.images)
         except S3DError as e:
-            tqdm.write(f"s3d: error: {e}")
+            tqdm.write(f"s3d: error: {one_line(e)}")
             failed.append(case.case_id)
             continue
         seg, probs = predict_case(predictor, images, geometry, step_size=step_size, tta=tta,

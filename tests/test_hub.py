@@ -380,3 +380,21 @@ def test_finetune_by_registry_name_works_offline_and_fails_clearly_without_cache
     assert e.value.code == 2
     assert len(err) == 1 and "test-tiny" in err[0] and "s3d weights download" in err[0]
     assert not (tmp_path / "ft2" / "model.safetensors").exists()
+
+
+def test_revisions_and_repo_ids_that_would_leave_the_cache_are_refused(tmp_path, monkeypatch):
+    """A revision is a path inside the Hub cache (refs/REVISION): `../` used to reach files outside it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "cache"
+    outside = tmp_path / "secret"
+    outside.write_text("0123456789abcdef0123456789abcdef01234567")  # what a ref file would hold
+    for spec in ("openmind-resencl-mae@../../../secret", "owner/name@../../secret"):
+        with pytest.raises(S3DError, match="is not a valid git revision"):
+            hub.resolve_weights(spec, cache_dir=cache)
+    with pytest.raises(S3DError, match="not an existing file or folder, a registry name"):
+        hub.resolve_weights("owner/name@main\nx", cache_dir=cache)
+    with pytest.raises(S3DError, match="not a valid Hub repo id"):
+        hub.check_hub_names("own--er/name", None, "x")
+    for repo, rev in (("MIC-DKFZ/ResEncL-OpenMind-MAE", "main"), ("a/b.c", "v1.0"), ("a/b", "refs/pr/1"),
+                      ("a/b", "0123456789abcdef0123456789abcdef01234567")):
+        hub.check_hub_names(repo, rev, "x")  # the Hub's real names pass

@@ -153,6 +153,23 @@ def test_predict_refuses_nan_and_complex_images_and_goes_on_with_the_good_ones(t
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["c_good.nii.gz"]  # nothing written for the bad
 
 
+def test_a_newline_in_a_file_name_stays_one_escaped_line(trained_run, small_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "bad\nname.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 not a volume")
+    shutil.copy(sorted((small_dataset / "imagesTr").glob("*.nii.gz"))[0], inp / "good.nii.gz")
+    res = subprocess.run([sys.executable, "-m", "s3d", "predict", "-i", str(inp), "-o", str(tmp_path / "o"), "-m",
+                          str(trained_run), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr + res.stdout
+    errors = [line for line in (res.stdout + res.stderr).replace("\r", "\n").splitlines() if "s3d: error:" in line]
+    assert any("bad\\nname.nii.gz" in line for line in errors), errors  # escaped, on the line naming it
+    assert not any(line.startswith("name.nii.gz") for line in (res.stdout + res.stderr).splitlines())
+    assert (tmp_path / "o" / "good.nii.gz").is_file()
+
+
 def test_transfer_encoder_replicates_the_stem_over_channels():
     from s3d.nn.resenc import ResEncUNet, plan_network
 

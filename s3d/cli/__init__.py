@@ -12,7 +12,7 @@ import sys
 import click
 
 from s3d import __version__
-from s3d.errors import S3DError
+from s3d.errors import S3DError, one_line
 
 # name -> (module, attribute, one-line help shown by `s3d --help` without importing the module)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -48,7 +48,7 @@ class UserError(click.ClickException):
     exit_code = 2
 
     def show(self, file=None) -> None:  # noqa: ANN001 - click's signature
-        click.echo(f"s3d: error: {self.format_message()}", err=True)
+        click.echo(f"s3d: error: {one_line(self.format_message())}", err=True)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

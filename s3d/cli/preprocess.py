@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from s3d.cli.options import curation_config, curation_options, patch_size_option
-from s3d.errors import S3DError
+from s3d.errors import S3DError, one_line
 
 
 def _is_number(token: str) -> bool:
@@ -146,8 +146,8 @@ def _preprocess_dataset(input_dir: Path, output: Path, spacing: str, norm: str, 
         check_dataset(ds, jobs)
     except DatasetProblems as e:
         for line in e.problems:
-            click.echo(f"s3d: error: {line}", err=True)
-        click.echo(f"s3d: error: {input_dir}: {len(e.problems)} problem(s); nothing was written", err=True)
+            click.echo(f"s3d: error: {one_line(line)}", err=True)
+        click.echo(f"s3d: error: {one_line(input_dir)}: {len(e.problems)} problem(s); nothing was written", err=True)
         # SystemExit, not click's Exit: `s3d.cli.main` runs click with standalone_mode=False, where
         # an Exit's code would be returned and dropped
         raise SystemExit(2) from None

@@ -65,3 +65,30 @@ def read_json(path: str | Path) -> Any:
         raise S3DError(f"{path}: file not found") from None
     except (OSError, ValueError) as e:
         raise S3DError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
+
+
+def prepare_output_dir(path: str | Path, *, inputs: tuple = (), what: str = "output folder",
+                       inside_inputs_ok: bool = False) -> Path:
+    """Create `path` (a folder) and check it is writable, before any work starts; S3DError in one line
+    when it is, or lies inside, one of `inputs` (unless inside_inputs_ok), when a parent is a file, or
+    when it cannot be created or written."""
+    path = Path(path)
+    resolved = path.resolve()
+    for inp in inputs:
+        inp = Path(inp).resolve()
+        if resolved == inp or (not inside_inputs_ok and inp.is_dir() and inp in resolved.parents):
+            raise S3DError(f"{path}: the {what} must not be the input {inp}" + ("" if inside_inputs_ok
+                                                                               else " or inside it"))
+    for parent in (resolved, *resolved.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise S3DError(f"{path}: cannot create the {what}: {parent} is a file")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".s3d-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise S3DError(f"{path}: cannot write the {what} ({e.strerror or type(e).__name__})") from None
+    return path

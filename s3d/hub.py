@@ -756,15 +756,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, encoder_only: bool =
     `encoder.stem.*` / `encoder.stages.*` tensors that `s3d finetune --weights` transfers.
     """
     from s3d.checkpoint import load_model, save_model
+    from s3d.files import prepare_output_dir
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    prepare_output_dir(out_dir, inputs=(run_dir,), what="export folder", inside_inputs_ok=True)
     sd, config = load_model(run_dir)
     if encoder_only:
         sd = encoder_state_dict(sd)
         if not sd:
             raise S3DError(f"{run_dir}: no encoder.stem / encoder.stages tensors to export")
-    if out_dir.exists() and out_dir.resolve() == run_dir.resolve():
-        raise S3DError(f"{out_dir}: export folder must differ from the run folder")
     from s3d import __version__
 
     config = _public_config(config)

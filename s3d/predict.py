@@ -126,15 +126,16 @@ def predict_folder(
     """
     from s3d.data.dataset import find_images
     from s3d.data.io import read_channels, write_image, write_segmentation
+    from s3d.files import prepare_output_dir
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if output_dir.resolve() == input_dir.resolve():
-        raise S3DError(f"{output_dir}: output folder must differ from the input folder")
+    if not input_dir.is_dir():
+        raise S3DError(f"{input_dir}: not a folder")
+    prepare_output_dir(output_dir, inputs=(input_dir,), inside_inputs_ok=True)
     predictor = load_predictor(model, device, amp)
     cases = find_images(input_dir, num_channels=predictor.num_channels)
     if not cases:
         raise S3DError(f"{input_dir}: no images found")
-    output_dir.mkdir(parents=True, exist_ok=True)
     written, failed = [], []
     for case in tqdm(cases, desc="predict", unit="case"):
         ending = _ending(case.images[0])

@@ -173,9 +173,10 @@ def finetune(dataset: str | Path, output: str | Path, cfg: FinetuneConfig, *, re
     from s3d.data.loader import default_workers, make_loader
     from s3d.data.preprocess import Plan, load_preprocessed
     from s3d.data.sampling import PatchDataset
+    from s3d.files import prepare_output_dir
     from s3d.nn.resenc import PRESETS, ResEncConfig, ResEncUNet, adjust_patch_size, plan_network
 
-    output = Path(output)
+    output = prepare_output_dir(output, inputs=(dataset,), what="run folder")
     workers = default_workers() if workers is None else workers
     if resume and (output / "finetune.json").exists():
         saved = read_json(output / "finetune.json")

@@ -282,7 +282,9 @@ def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *,
 
     if cfg.method not in METHODS:
         raise S3DError(f"--method {cfg.method}: choose one of {', '.join(METHODS)}")
-    output = Path(output)
+    from s3d.files import prepare_output_dir
+
+    output = prepare_output_dir(output, inputs=tuple(data), what="run folder")
     if resume and (output / "pretrain.json").exists():
         saved = read_json(output / "pretrain.json")
         cfg = PretrainConfig(**{**saved, "device": cfg.device,

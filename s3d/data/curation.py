@@ -22,7 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from s3d.data.io import Geometry, ImageHeader, _one_line, count_nonfinite, read_header, read_image
+from s3d.data.io import (
+    Geometry,
+    ImageHeader,
+    _one_line,
+    check_declared_size,
+    count_nonfinite,
+    read_header,
+    read_image,
+)
 from s3d.errors import S3DError
 
 # Header spacings are float32 and often written from DICOM with round-off (the TCIA brain series
@@ -111,9 +119,10 @@ def _header_problem(h: ImageHeader, cfg: CurationConfig) -> str | None:
         return f"{len(dims)}-D image with {volumes} volumes (shape {tuple(h.shape)}): store one 3-D volume per file"
     if np.issubdtype(h.dtype, np.complexfloating):
         return f"complex voxels ({h.dtype}): store magnitude images"
-    if h.truncated:
-        return (f"truncated: {h.file_bytes} bytes on disk, the header declares "
-                f"{h.data_offset + h.data_bytes} ({h.data_offset} + {h.data_bytes} of voxels)")
+    try:  # the reader's own size checks (truncated, impossible compression, memory budget), in its words
+        check_declared_size(h)
+    except S3DError as e:
+        return _line(e).removeprefix(f"{h.path}: ")
     spacing = np.asarray(h.spacing, dtype=np.float64)
     if spacing.size != 3 or not (np.isfinite(spacing).all() and (spacing > 0).all()):
         return f"voxel spacing {_fmt(spacing)} mm is not positive and finite"

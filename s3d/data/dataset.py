@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from s3d.data.io import IMAGE_SUFFIXES, Geometry, _label_values, _load, same_grid
+from s3d.data.io import IMAGE_SUFFIXES, Geometry, _label_values, _load, count_nonfinite, same_grid
 from s3d.errors import S3DError
 
 # CASE_XXXX: nnU-Net's channel suffix is exactly four digits
@@ -269,7 +269,7 @@ def _check_case(case: Case, allowed: frozenset[int] | None) -> list[str]:
             problems.append(str(e))
             continue
         if np.issubdtype(raw.data.dtype, np.floating) or not np.isfinite([raw.slope, raw.inter]).all():
-            bad = int(raw.data.size - np.count_nonzero(np.isfinite(raw.data)))
+            bad = count_nonfinite(raw.data)
             if bad:
                 problems.append(f"{p}: {bad} NaN/inf voxel(s)")
         if grid is None:

@@ -383,14 +383,7 @@ def _dataset_key(ds: Any) -> str:
     """Changes whenever a file of the dataset changes, so a validated dataset is checked only once per process."""
     h = hashlib.sha1(str(Path(ds.root).resolve()).encode())
     for case in ds.cases:
-        for p in [*case.images, case.label]:
-            if p is None:
-                continue
-            try:
-                st = os.stat(p)
-                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns};".encode())
-            except OSError:
-                h.update(f"{p}|missing;".encode())
+        h.update(json.dumps([case.case_id, source_stamp([*case.images, case.label])]).encode())
     return h.hexdigest()
 
 

@@ -20,10 +20,17 @@ from s3d.errors import S3DError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield `<path>.tmp-<pid>`; renamed onto `path` when the block succeeds, removed when it fails."""
+def atomic_path(path: str | Path, keep_suffix: str = "") -> Iterator[Path]:
+    """Yield `<path>.tmp-<pid>`; renamed onto `path` when the block succeeds, removed when it fails.
+
+    keep_suffix: a suffix of `path` that must stay last in the temporary name too (writers that pick
+    the format from it, like blosc2's ".b2nd"): `<stem>.tmp-<pid><suffix>`.
+    """
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    if keep_suffix and path.name.endswith(keep_suffix):
+        tmp = path.with_name(f"{path.name[: -len(keep_suffix)]}.tmp-{os.getpid()}{keep_suffix}")
+    else:
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -67,6 +74,17 @@ def read_json(path: str | Path) -> Any:
         raise S3DError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
 
 
+def refuse_inputs(path: str | Path, inputs: tuple = (), *, what: str = "output folder",
+                  inside_inputs_ok: bool = False) -> None:
+    """S3DError when the output `path` is one of `inputs`, or lies inside one (unless inside_inputs_ok)."""
+    resolved = Path(path).resolve()
+    for inp in inputs:
+        inp = Path(inp).resolve()
+        if resolved == inp or (not inside_inputs_ok and inp.is_dir() and inp in resolved.parents):
+            raise S3DError(f"{path}: the {what} must not be the input {inp}" + ("" if inside_inputs_ok
+                                                                               else " or inside it"))
+
+
 def prepare_output_dir(path: str | Path, *, inputs: tuple = (), what: str = "output folder",
                        inside_inputs_ok: bool = False) -> Path:
     """Create `path` (a folder) and check it is writable, before any work starts; S3DError in one line
@@ -74,11 +92,7 @@ def prepare_output_dir(path: str | Path, *, inputs: tuple = (), what: str = "out
     when it cannot be created or written."""
     path = Path(path)
     resolved = path.resolve()
-    for inp in inputs:
-        inp = Path(inp).resolve()
-        if resolved == inp or (not inside_inputs_ok and inp.is_dir() and inp in resolved.parents):
-            raise S3DError(f"{path}: the {what} must not be the input {inp}" + ("" if inside_inputs_ok
-                                                                               else " or inside it"))
+    refuse_inputs(path, inputs, what=what, inside_inputs_ok=inside_inputs_ok)
     for parent in (resolved, *resolved.parents):
         if parent.exists():
             if not parent.is_dir():

@@ -8,6 +8,7 @@ import click
 
 from s3d.cli.options import curation_config, curation_options, patch_size_option
 from s3d.errors import S3DError, one_line
+from s3d.files import refuse_inputs
 
 
 def _is_number(token: str) -> bool:
@@ -96,8 +97,10 @@ def preprocess(paths: tuple[Path, ...], spacing: str, norm: str, corpus: bool, p
     for i in inputs:
         if not i.exists():
             raise UserError(f"{i}: not found")
-        if output.resolve() == i.resolve() or (i.is_dir() and i.resolve() in output.resolve().parents):
-            raise UserError(f"{output}: output folder must not be INPUT or inside it")
+    try:
+        refuse_inputs(output, tuple(inputs))  # nothing is created before the inputs are validated
+    except S3DError as e:
+        raise UserError(str(e)) from None
     corpus = corpus or len(inputs) > 1 or any(i.is_file() for i in inputs)
     layout_patch = tuple(patch_size) if patch_size else (CORPUS_LAYOUT_PATCH if corpus else DEFAULT_LAYOUT_PATCH)
     try:

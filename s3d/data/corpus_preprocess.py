@@ -15,7 +15,6 @@ report-part-K-of-N.json (K counts from 0) listing every skipped file of that run
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,11 @@ from s3d.data.preprocess import (
     preprocess_case,
     remove_old_store,
     resample_label,
+    source_stamp,
     write_store_marker,
 )
 from s3d.errors import S3DError
-from s3d.files import read_json, write_json
+from s3d.files import prepare_output_dir, read_json, write_json
 
 # S3D pre-training (Wald et al. 2024, Sec. 3): every image resampled to 1 x 1 x 1 mm, z-scored.
 CORPUS_SPACING = (1.0, 1.0, 1.0)
@@ -78,14 +78,6 @@ def _reason_kind(reason: str) -> str:
     return reason.split(" (")[0].split(":")[0][:48]
 
 
-def _file_stamp(path: Path) -> list[int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [int(st.st_size), int(st.st_mtime_ns)]
-
-
 def _loss_mask(image: CorpusImage, geometry, props: dict) -> np.ndarray | None:  # noqa: ANN001 - Geometry
     """(X,Y,Z) uint8 on the preprocessed grid: 1 inside the anatomy mask and outside the
     anonymisation (defacing) mask; None when the image has neither. nnssl's MAE trainer drops the
@@ -118,7 +110,7 @@ def _corpus_one(args: tuple) -> tuple[str, str, str | None]:
 
     paths = case_paths(cases_dir, image.case_id)
     skip_file = cases_dir / f"{image.case_id}.skip.json"
-    stamp = _file_stamp(image.path)
+    stamp = source_stamp([image.path])
     if not overwrite:
         if case_is_current(paths["meta"], digest):
             return image.case_id, "up_to_date", None
@@ -132,7 +124,7 @@ def _corpus_one(args: tuple) -> tuple[str, str, str | None]:
     cfg = CurationConfig.from_dict(curation_dict)
     reason = None
     try:
-        if stamp is None:
+        if stamp[0][1] is None:  # no size: stat failed
             reason = f"{image.path}: file not found"
         else:
             reason, data, geometry = check_file(image.path, cfg)
@@ -191,11 +183,7 @@ def preprocess_corpus(
     plan = plan or corpus_plan()
     curation = curation or CurationConfig()
     mine = split_part(images, part, parts)
-    cases_dir = out_dir / "cases"
-    try:
-        cases_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise S3DError(f"{out_dir}: cannot create output folder ({e.strerror})") from e
+    cases_dir = prepare_output_dir(out_dir / "cases", what="output folder")
     remove_old_store(out_dir)
     if overwrite:
         (out_dir / "plan.json").unlink(missing_ok=True)

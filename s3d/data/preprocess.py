@@ -43,7 +43,7 @@ from s3d.data.resample import (
 )
 from s3d.data.resample import resample_label as _resample_label_to_shape
 from s3d.errors import S3DError
-from s3d.files import read_json, write_json
+from s3d.files import prepare_output_dir, read_json, refuse_inputs, write_json
 
 NORMALIZATIONS = ("zscore", "ct", "none")
 # nnU-Net sample_foreground_locations: up to 10000 voxels per class, but at least 1 % of the class
@@ -677,19 +677,14 @@ def preprocess_dataset(
         raise S3DError(f"{ds.root}: no cases found")
     if validate:
         check_dataset(ds, jobs)
-    if out_dir.resolve() == Path(ds.root).resolve():
-        raise S3DError(f"{out_dir}: output folder must differ from the input dataset")
+    refuse_inputs(out_dir, (ds.root,), inside_inputs_ok=True)
     plan_file = out_dir / "plan.json"
     if plan_file.exists() and not overwrite:
         old = read_json(plan_file)
         if Plan.from_dict(old).to_dict() != plan.to_dict():
             raise S3DError(f"{plan_file}: folder was preprocessed with a different plan; use --overwrite or "
                            "another output folder")
-    cases_dir = out_dir / "cases"
-    try:
-        cases_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise S3DError(f"{out_dir}: cannot create output folder ({e.strerror})") from e
+    cases_dir = prepare_output_dir(out_dir / "cases")
     if plan_file.exists():
         plan_file.unlink()  # re-appears only when every case is done (finetune treats it as "finished")
     # cases no longer in the dataset go: training reads every case of the folder

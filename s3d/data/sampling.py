@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from s3d.data.store import read_crop
+from s3d.data.store import case_paths, read_crop
 
 # Open store files kept per worker: re-opening costs a file open + header parse per patch, keeping
 # all of them would map the whole corpus.
@@ -150,7 +150,7 @@ class PatchDataset(IterableDataset):
 
         case_id = self._ids[index].decode()
         return PreprocessedCase(
-            case_id=case_id, path=Path(self._folders[self._folder[index]]) / f"{case_id}.b2nd",
+            case_id=case_id, path=case_paths(self._folders[self._folder[index]], case_id)["data"],
             shape=tuple(int(s) for s in self._shapes[index]), has_seg=bool(self._has_seg[index]),
             num_channels=int(self._channels[index]), has_loss_mask=bool(self._has_mask[index]),
             class_location_labels=self._labels[index] if self._labels else (),

@@ -9,7 +9,6 @@ and mask maps; block and chunk shapes follow the training patch (`blosc2_layout`
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,15 +80,10 @@ def write_array(path: str | Path, array: np.ndarray, patch_size: Sequence[int]) 
     path = Path(path)
     array = np.ascontiguousarray(array)
     chunks, blocks = blosc2_layout(array.shape, patch_size, array.dtype.itemsize)
-    # the temporary name keeps the .b2nd suffix: blosc2 picks the container format from it
-    tmp_name = path.with_name(f"{path.name[: -len(SUFFIX)]}.tmp-{os.getpid()}{SUFFIX}")
     cparams = {"codec": blosc2.Codec.LZ4HC, "clevel": CLEVEL, "filters": [blosc2.Filter.SHUFFLE], "nthreads": 1}
-    try:
-        blosc2.asarray(array, urlpath=str(tmp_name), mode="w", chunks=chunks, blocks=blocks, cparams=cparams)
-        os.replace(tmp_name, path)
-    except BaseException:
-        tmp_name.unlink(missing_ok=True)
-        raise
+    # the temporary name keeps the .b2nd suffix: blosc2 picks the container format from it
+    with atomic_path(path, keep_suffix=SUFFIX) as tmp:
+        blosc2.asarray(array, urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks, cparams=cparams)
 
 
 def open_array(path: str | Path):  # noqa: ANN201 - blosc2.NDArray, imported lazily

@@ -17,6 +17,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("S3D_CACHE", Path.home() / ".cache" / "s3d")) / "preprocessed"
 
 
+def cache_folder(name: str, key: list[str], cache_dir: Path | None = None) -> Path:
+    """The cache folder for the inputs described by `key` (paths, settings): `NAME_<hash of key>`."""
+    digest = hashlib.sha1("|".join(key).encode()).hexdigest()[:10]
+    return (cache_dir or default_cache_dir()) / f"{name}_{digest}"
+
+
 def preprocessed_folder(folder: str | Path, spacing, *, norm: str | None = None, tag: str = "",  # noqa: ANN001
                         require_labels: bool = False, jobs: int = 1, cache_dir: Path | None = None) -> Path:
     """`folder` itself when it is an `s3d preprocess` output (has plan.json); otherwise the raw
@@ -33,8 +39,7 @@ def preprocessed_folder(folder: str | Path, spacing, *, norm: str | None = None,
     ds = find_dataset(folder)
     if require_labels and not any(c.label is not None for c in ds.cases):
         raise S3DError(f"{folder}: no labels found (labelsTr/); fine-tuning needs a labeled nnU-Net dataset")
-    key = "|".join([str(folder.resolve()), str(spacing), *([tag] if tag else [])])
-    out = (cache_dir or default_cache_dir()) / f"{folder.name}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    out = cache_folder(folder.name, [str(folder.resolve()), str(spacing), *([tag] if tag else [])], cache_dir)
     if (out / "plan.json").exists() and not (out / "store.json").exists():
         # a cache of an older s3d (.npz volumes): rebuilt, never mixed with the blosc2 store
         tqdm.write(f"{out}: cache in the old .npz format; rebuilding it as a blosc2 store")

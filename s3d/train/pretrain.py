@@ -227,13 +227,11 @@ def prepare_corpus(sources: list[Path], cfg: PretrainConfig, *, jobs: int = 1, c
     files of paths, nnssl pretrain_data.json) is curated and preprocessed once into the cache at
     cfg.spacing; a rerun only does what is missing (a new file, an interrupted run).
     """
-    import hashlib
-
     from s3d.data.corpus import find_corpus
     from s3d.data.corpus_preprocess import corpus_plan, preprocess_corpus
     from s3d.data.curation import CurationConfig, fov_reason
     from s3d.data.preprocess import load_preprocessed
-    from s3d.train.cache import default_cache_dir
+    from s3d.train.cache import cache_folder
 
     curation = curation or CurationConfig()
     stores = [s for s in sources if (s / "plan.json").is_file()]
@@ -242,9 +240,8 @@ def prepare_corpus(sources: list[Path], cfg: PretrainConfig, *, jobs: int = 1, c
         images = find_corpus(raw)
         if not images:
             raise S3DError("no images found in " + ", ".join(str(r) for r in raw))
-        key = "|".join([*sorted(str(r.resolve()) for r in raw), str(tuple(cfg.spacing)), "corpus"])
-        name = raw[0].name if len(raw) == 1 else "corpus"
-        out = (cache_dir or default_cache_dir()) / f"{name}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+        out = cache_folder(raw[0].name if len(raw) == 1 else "corpus",
+                           [*sorted(str(r.resolve()) for r in raw), str(tuple(cfg.spacing)), "corpus"], cache_dir)
         tqdm.write(f"preprocessing {len(images)} image(s) into {out}")
         report = preprocess_corpus(images, out, corpus_plan(cfg.spacing), jobs=jobs, patch_size=cfg.patch_size,
                                    curation=curation)

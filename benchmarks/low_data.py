@@ -119,7 +119,7 @@ def _pretrain_job(method: str, run: Path, data: list[Path], spec: dict) -> dict:
                          checkpoint_every=max(1, spec["steps"] // 10), preview_every=max(1, spec["steps"] // 4))
     # workers=0: the study runs one single-threaded job per core, a loader process would take a core
     # min_fov_fraction=0: the hippocampus crops (35x50x35) are smaller than the 48^3 patch and are the data here
-    pretrain(data, run, cfg, resume=(run / "state.json").exists(), workers=0,
+    pretrain(data, run, cfg, resume=(run / "pretrain.json").exists(), workers=0,
              curation=CurationConfig(min_fov_fraction=0))
     return {"job": run.name, "wall_s": time.time() - t}
 
@@ -138,7 +138,7 @@ def _finetune_job(run: Path, prepared: Path, val_imgs: Path, val_refs: Path, lab
             weights=spec["weights"], from_scratch=spec["from_scratch"], checkpoint_every=max(1, spec["steps"] // 4),
             lr=spec["lr"], amp=spec["amp"],
         )
-        finetune(prepared, run, cfg, resume=(run / "state.json").exists(), workers=0)
+        finetune(prepared, run, cfg, resume=(run / "finetune.json").exists(), workers=0)
         preds = run / "val_predictions"
         predict_folder(val_imgs, preds, run, device=spec["device"], tta=spec["tta"], continue_=True,
                        amp=spec["amp"])

@@ -186,3 +186,42 @@ def test_transfer_encoder_replicates_the_stem_over_channels():
             assert torch.equal(dst.state_dict()[k], v)
     assert not torch.equal(dst.state_dict()["decoder.seg_layers.0.weight"][:1],
                            src.state_dict()["decoder.seg_layers.0.weight"])
+
+
+def test_finetune_killed_mid_save_resumes_with_its_saved_settings(small_dataset, tmp_path):
+    """Real scans, a real SIGKILL while a checkpoint is half replaced, then the CLI's --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run, flag = tmp_path / "run", tmp_path / "paused"
+    args = [sys.executable, "-m", "s3d", "finetune", str(small_dataset), str(run), "--patch-size", "32", "32", "32",
+            "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "-j", "1", "--workers", "0",
+            "--val-every", "0", "--checkpoint-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "S3D_PAUSE_AT": f"state-moved-aside:1:{flag}"}
+    proc = subprocess.Popen(args + ["--steps", "6"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not flag.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    settings = (run / "finetune.json").read_bytes()
+    env.pop("S3D_PAUSE_AT")
+
+    refused = subprocess.run(args + ["--steps", "9"], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0 and "holds a run already" in refused.stderr
+    assert (run / "finetune.json").read_bytes() == settings  # a refused start leaves the settings alone
+
+    resumed = subprocess.run(args + ["--steps", "9", "--resume"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    said = resumed.stdout + resumed.stderr
+    assert "continuing with the settings in" in said
+    assert f"resuming {run} at step 2/6 from previous state state.prev.safetensors" in said
+    assert json.loads((run / "config.json").read_text())["step"] == 6  # the saved --steps 6, not the new 9
+    assert (run / "finetune.json").read_bytes() == settings

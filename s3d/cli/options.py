@@ -16,7 +16,9 @@ seed_option = click.option("--seed", default=0, show_default=True, type=int, hel
 resume_option = click.option(
     "--resume",
     is_flag=True,
-    help="Continue the run in OUTPUT from its last checkpoint (same settings as when it started).",
+    help="Continue the run in OUTPUT from its last complete checkpoint, with the settings saved when it "
+    "started (options given now, except --device, are ignored). Without it, a folder that holds a run "
+    "is refused.",
 )
 steps_option = click.option(
     "--steps", type=click.IntRange(min=1), default=1000, show_default=True, help="Total optimizer steps."

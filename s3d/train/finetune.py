@@ -22,11 +22,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from s3d import __version__
-from s3d.checkpoint import read_json, save_model, write_json
+from s3d.checkpoint import save_model
 from s3d.errors import S3DError
 from s3d.nn.losses import DeepSupervisionLoss, DiceCELoss
 from s3d.train.cache import default_cache_dir, preprocessed_folder  # noqa: F401 - default_cache_dir re-exported
 from s3d.train.loop import Phase, TrainConfig, resolve_device, train
+from s3d.train.run_folder import begin_run, run_lock, settings_from_saved, write_settings
+
+SETTINGS_FILE = "finetune.json"
 
 SPLIT_SEED = 12345  # nnU-Net also uses a fixed seed (12345) for its 5-fold split
 SUBSET_SEED = 0
@@ -169,19 +172,29 @@ def finetune(dataset: str | Path, output: str | Path, cfg: FinetuneConfig, *, re
     config.json, the resumable state, log.csv and validation.jsonl). Returns `output`.
     workers: DataLoader processes cutting patches (None: s3d.data.loader.default_workers(); 0: in
     this process)."""
+    from s3d.files import prepare_output_dir
+
+    output = prepare_output_dir(output, inputs=(dataset,), what="run folder")
+    with run_lock(output):
+        return _finetune(Path(dataset), output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir,
+                         workers=workers)
+
+
+def _finetune(dataset: Path, output: Path, cfg: FinetuneConfig, *, resume: bool, jobs: int,
+              cache_dir: Path | None, workers: int | None) -> Path:
     from s3d.data.augment import Augmenter
     from s3d.data.loader import default_workers, make_loader
     from s3d.data.preprocess import Plan, load_preprocessed
     from s3d.data.sampling import PatchDataset
-    from s3d.files import prepare_output_dir
     from s3d.nn.resenc import PRESETS, ResEncConfig, ResEncUNet, adjust_patch_size, plan_network
 
-    output = prepare_output_dir(output, inputs=(dataset,), what="run folder")
     workers = default_workers() if workers is None else workers
-    if resume and (output / "finetune.json").exists():
-        saved = read_json(output / "finetune.json")
-        cfg = FinetuneConfig(**{**saved, "device": cfg.device})
+    saved = begin_run(output, SETTINGS_FILE, resume)
+    if saved is not None:
+        cfg = settings_from_saved(FinetuneConfig, saved, output / SETTINGS_FILE, device=cfg.device)
         cfg.patch_size = tuple(cfg.patch_size) if cfg.patch_size else None
+        tqdm.write(f"--resume: continuing with the settings in {output / SETTINGS_FILE} (other options given now, "
+                   "except --device, are ignored)")
 
     pretrained_sd, pretrained_cfg = None, None
     if cfg.weights:
@@ -192,7 +205,7 @@ def finetune(dataset: str | Path, output: str | Path, cfg: FinetuneConfig, *, re
         if cfg.spacing is None:
             cfg.spacing = tuple(pretrained_cfg.get("plan", {}).get("target_spacing") or
                                 pretrained_cfg.get("spacing") or (1.0, 1.0, 1.0))
-    data_dir = prepare_data(Path(dataset), cfg.spacing, jobs=jobs, cache_dir=cache_dir)
+    data_dir = prepare_data(dataset, cfg.spacing, jobs=jobs, cache_dir=cache_dir)
     plan, cases = load_preprocessed(data_dir)
     assert isinstance(plan, Plan)
     labeled = [c for c in cases if c.has_seg]
@@ -250,7 +263,8 @@ def finetune(dataset: str | Path, output: str | Path, cfg: FinetuneConfig, *, re
         "data": {"preprocessed": str(data_dir), "train_cases": train_ids, "val_cases": val_ids},
         "transfer": transfer_report,
     }
-    write_json(output / "finetune.json", _jsonable(asdict(cfg)))
+    if saved is None:
+        write_settings(output, SETTINGS_FILE, _jsonable(asdict(cfg)))
 
     def make_batches(start_step: int):
         ds = PatchDataset([by_id[i] for i in train_ids], cfg.patch_size, cfg.batch_size,

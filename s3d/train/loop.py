@@ -21,7 +21,13 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from s3d.checkpoint import has_training_state, load_training_state, save_training_state
+from s3d.checkpoint import (
+    PREVIOUS_STATE_FILE,
+    find_training_state,
+    has_training_state,
+    load_training_state,
+    save_training_state,
+)
 from s3d.errors import S3DError
 from s3d.files import atomic_path
 
@@ -201,11 +207,18 @@ def train(
     phases = cfg.schedule()
 
     start = 0
-    if resume and has_training_state(run_dir):
-        start, _ = load_training_state(run_dir, objective, optimizer, scaler)
+    state = find_training_state(run_dir) if resume else None
+    if state is not None:
+        start, _ = load_training_state(run_dir, objective, optimizer, scaler, state=state)
         if main_rank:
-            tqdm.write(f"resuming {run_dir} at step {start}/{cfg.steps}")
-    elif not resume and has_training_state(run_dir) and main_rank:
+            origin = "previous state " if state.path.name == PREVIOUS_STATE_FILE else ""
+            tqdm.write(f"resuming {run_dir} at step {start}/{cfg.steps} from {origin}{state.path.name} "
+                       f"(saved {state.saved})" + (f"; {state.note}" if state.note else ""))
+            if export is not None:
+                export(objective, start)  # a kill during the last export may have left it one save behind
+    elif resume and main_rank:
+        tqdm.write(f"resuming {run_dir}: no checkpoint was written yet, starting at step 0/{cfg.steps}")
+    elif has_training_state(run_dir) and main_rank:
         raise S3DError(f"{run_dir}: holds a training state already; pass --resume to continue it or pick a new folder")
     torch.manual_seed(cfg.seed * 1000 + rank + start)
 

@@ -23,9 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from s3d import __version__
-from s3d.checkpoint import read_json, save_model, write_json
+from s3d.checkpoint import save_model, write_json
 from s3d.errors import S3DError
 from s3d.train.loop import TrainConfig, train
+from s3d.train.run_folder import begin_run, run_lock, settings_from_saved, write_settings
+
+SETTINGS_FILE = "pretrain.json"
 
 METHODS = ("mae", "simtrot", "btrot")
 
@@ -272,21 +275,32 @@ def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *,
     """Pre-train an encoder with `cfg.method` on every image of `data` (see prepare_corpus) and write
     `output` (model.safetensors with `encoder.*` keys + config.json, state, log.csv, preview PNGs,
     skipped_for_patch.json). workers: DataLoader processes (None: s3d.data.loader.default_workers())."""
+    from s3d.files import prepare_output_dir
+
+    if cfg.method not in METHODS:
+        raise S3DError(f"--method {cfg.method}: choose one of {', '.join(METHODS)}")
+    output = prepare_output_dir(output, inputs=tuple(data), what="run folder")
+    with run_lock(output):
+        return _pretrain(data, output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir, workers=workers,
+                         curation=curation)
+
+
+def _pretrain(data: list[str | Path], output: Path, cfg: PretrainConfig, *, resume: bool, jobs: int,
+              cache_dir: Path | None, workers: int | None, curation) -> Path:  # noqa: ANN001
     from s3d.data.augment import Augmenter
     from s3d.data.loader import default_workers, make_loader
     from s3d.data.sampling import PatchDataset
     from s3d.train.loop import resolve_device
 
-    if cfg.method not in METHODS:
-        raise S3DError(f"--method {cfg.method}: choose one of {', '.join(METHODS)}")
-    from s3d.files import prepare_output_dir
-
-    output = prepare_output_dir(output, inputs=tuple(data), what="run folder")
-    if resume and (output / "pretrain.json").exists():
-        saved = read_json(output / "pretrain.json")
-        cfg = PretrainConfig(**{**saved, "device": cfg.device,
-                                "patch_size": tuple(saved["patch_size"]), "spacing": tuple(saved["spacing"]),
-                                "mask_block": tuple(saved["mask_block"]) if saved.get("mask_block") else None})
+    saved = begin_run(output, SETTINGS_FILE, resume)
+    if saved is not None:
+        cfg = settings_from_saved(PretrainConfig, saved, output / SETTINGS_FILE, device=cfg.device)
+        cfg.patch_size, cfg.spacing = tuple(cfg.patch_size), tuple(cfg.spacing)
+        cfg.mask_block = tuple(cfg.mask_block) if cfg.mask_block else None
+        if cfg.method not in METHODS:
+            raise S3DError(f"{output / SETTINGS_FILE}: method {cfg.method!r} is not one of {', '.join(METHODS)}")
+        tqdm.write(f"--resume: continuing with the settings in {output / SETTINGS_FILE} (other options given now, "
+                   "except --device, are ignored)")
     net_cfg = network_config(cfg)
     sources = [Path(d) for d in data]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not all((s / "plan.json").is_file() for s in sources):
@@ -335,7 +349,8 @@ def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *,
         **extra,
     }
     output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "pretrain.json", cfg.to_dict())
+    if saved is None:
+        write_settings(output, SETTINGS_FILE, cfg.to_dict())
     write_json(output / "skipped_for_patch.json", small, indent=1)
     if small and int(os.environ.get("RANK", "0")) == 0:
         tqdm.write(f"{num_cases} volume(s) to pre-train on; {len(small)} left out as smaller than the patch "

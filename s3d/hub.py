@@ -761,6 +761,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, encoder_only: bool =
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     prepare_output_dir(out_dir, inputs=(run_dir,), what="export folder", inside_inputs_ok=True)
     sd, config = load_model(run_dir)
+    from s3d.model_check import check_config
+
+    check_config(config, str(run_dir / CONFIG_FILE))
     if encoder_only:
         sd = encoder_state_dict(sd)
         if not sd:

@@ -43,30 +43,61 @@ def load_predictor(model: str | Path, device: str = "auto", amp: str = "auto") -
     `amp`: "auto" (bf16 autocast on CUDA, full precision on CPU), "off", "bf16" or "fp16"; on CPUs
     with AMX / AVX512-BF16, "bf16" runs the network ~2.5x faster (see benchmarks/README.md).
     """
-    from s3d.checkpoint import load_model
+    from s3d.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
+    from s3d.model_check import check_config, check_tensors
     from s3d.nn.resenc import ResEncConfig, ResEncUNet
     from s3d.train.loop import amp_dtype, resolve_device
 
     path = Path(model)
     if path.is_dir():
         state, config = load_model(path)
+        config_source, tensor_source = str(path / CONFIG_FILE), str(path / MODEL_FILE)
     else:
         from s3d.hub import resolve_weights
 
         resolved = resolve_weights(str(model))
-        state, config = resolved.state_dict, resolved.config
-    if config.get("kind") != "segmentation":
-        raise S3DError(
-            f"{model}: holds {config.get('kind', 'unknown')} weights, not a segmentation model "
-            "(fine-tune it first with `s3d finetune DATASET OUT --weights ...`)"
-        )
+        config_source = tensor_source = resolved.source
+        config = resolved.config
+        check_config(config, config_source, kind="segmentation")  # before the tensors are fetched
+        state = resolved.state_dict
+    check_config(config, config_source, kind="segmentation")
     net_cfg = ResEncConfig.from_dict(config["network"])
     net_cfg.deep_supervision = False  # inference needs the full-resolution output only
     network = ResEncUNet(net_cfg)
+    check_tensors(network, state, tensor_source)
     network.load_state_dict(state)
     dev = resolve_device(device)
     network.to(dev).eval()
     return Predictor(network, config, dev, amp_dtype(amp, dev))
+
+
+def prediction_bytes(predictor: Predictor, shape: tuple[int, ...], spacing, target_spacing  # noqa: ANN001
+                     ) -> tuple[int, tuple[int, int, int]]:
+    """Upper bound of the bytes predicting one image of `shape` at `spacing` takes, and the grid it is
+    resampled to: the image, logits, weights and softmax on that grid plus the probabilities pasted
+    back on the original grid, all float32 (the crop to the nonzero region can only make it smaller)."""
+    from s3d.data.resample import shape_for_spacing
+
+    grid = shape_for_spacing(tuple(int(s) for s in shape), spacing, target_spacing)
+    padded = [max(g, p) for g, p in zip(grid, predictor.patch_size, strict=True)]
+    c, k = predictor.num_channels, predictor.num_classes
+    new_voxels, old_voxels = int(np.prod(padded, dtype=np.float64)), int(np.prod(shape, dtype=np.float64))
+    return 4 * (new_voxels * (c + 2 * k + 1) + old_voxels * (c + k)), grid
+
+
+def check_prediction_memory(predictor: Predictor, shape: tuple[int, ...], geometry, target_spacing  # noqa: ANN001
+                            ) -> None:
+    """S3DError naming the image when predicting it would take more than `io.memory_budget()`: a model
+    config with a tiny spacing (or a huge image) fails on one line before anything is allocated."""
+    from s3d.data.io import memory_budget
+
+    need, grid = prediction_bytes(predictor, shape, geometry.spacing, target_spacing)
+    budget = memory_budget()
+    if need > budget:
+        spacing = " x ".join(f"{s:g}" for s in target_spacing)
+        raise S3DError(f"{getattr(geometry, 'source', 'image')}: predicting it at the model's spacing {spacing} mm "
+                       f"means a {tuple(grid)} grid, about {need / 2**30:.3g} GiB, more than the memory budget "
+                       f"{budget / 2**30:.3g} GiB (S3D_MAX_IMAGE_BYTES)")
 
 
 def predict_case(
@@ -85,6 +116,7 @@ def predict_case(
     from s3d.infer import sliding_window_predict
 
     plan = Plan.from_dict(predictor.config["plan"])
+    check_prediction_memory(predictor, images.shape[-3:], geometry, plan.target_spacing)
     data, _, props = preprocess_case(images, geometry, plan)
     logits = sliding_window_predict(
         predictor.network,
@@ -145,12 +177,12 @@ def predict_folder(
             continue
         try:
             images, geometry = read_channels(case.images)
+            seg, probs = predict_case(predictor, images, geometry, step_size=step_size, tta=tta,
+                                      batch_size=batch_size, return_probabilities=save_probabilities)
         except S3DError as e:
             tqdm.write(f"s3d: error: {one_line(e)}")
             failed.append(case.case_id)
             continue
-        seg, probs = predict_case(predictor, images, geometry, step_size=step_size, tta=tta,
-                                  batch_size=batch_size, return_probabilities=save_probabilities)
         if probs is not None:
             # one file per class keeps every file on the input's 3-D grid and header
             for k in range(probs.shape[0]):

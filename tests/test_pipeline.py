@@ -225,3 +225,104 @@ def test_finetune_killed_mid_save_resumes_with_its_saved_settings(small_dataset,
     assert f"resuming {run} at step 2/6 from previous state state.prev.safetensors" in said
     assert json.loads((run / "config.json").read_text())["step"] == 6  # the saved --steps 6, not the new 9
     assert (run / "finetune.json").read_bytes() == settings
+
+
+def _s3d(args: list[str], capsys) -> tuple[int, str]:
+    """`s3d ARGS` in this process, as the console script runs it: (exit code, everything printed)."""
+    from s3d.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    out = capsys.readouterr()
+    return exited.value.code, out.out + out.err
+
+
+def _broken_config(cfg: dict, how: str):
+    if how == "a list":
+        return [cfg]
+    cfg = json.loads(json.dumps(cfg))
+    if how == "no network":
+        del cfg["network"]
+    elif how == "no plan":
+        del cfg["plan"]
+    elif how == "plan without labels":
+        del cfg["plan"]["labels"]
+    elif how == "pretrain kind":
+        cfg["kind"] = "pretrain"
+    elif how == "two channels":
+        cfg["network"]["in_channels"] = 2
+    elif how == "wider network":
+        cfg["network"]["features"] = [f * 2 for f in cfg["network"]["features"]]
+    elif how == "more classes":
+        cfg["network"]["num_classes"] = 5
+    elif how == "bad stride":
+        cfg["network"]["strides"][1] = "two"
+    elif how == "zero spacing":
+        cfg["plan"]["target_spacing"] = [1.0, 0.0, 1.0]
+    return cfg
+
+
+# (how the config is broken, the file the message must name, what it must say)
+BROKEN = [
+    ("a list", "config.json", "not a model config"),
+    ("no network", "config.json", "no 'network' object"),
+    ("no plan", "config.json", "no 'plan' object"),
+    ("plan without labels", "config.json", "plan: missing 'labels'"),
+    ("pretrain kind", "config.json", "holds pretrain weights, not a segmentation model"),
+    ("two channels", "config.json", "plan normalises 1 channel(s) but the network takes in_channels 2"),
+    ("wider network", "model.safetensors", "tensors do not match its config.json"),
+    ("more classes", "config.json", "labels go up to 2 but the network has num_classes 5"),
+    ("bad stride", "config.json", "network: network config: stride 'two'"),
+    ("zero spacing", "config.json", "target_spacing [1.0, 0.0, 1.0] needs three positive numbers"),
+]
+
+
+@pytest.mark.parametrize(("how", "names", "says"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_a_broken_model_folder_is_one_line_naming_the_file(trained_run, small_dataset, tmp_path, capsys, how, names,
+                                                           says):
+    model = tmp_path / "model"
+    shutil.copytree(trained_run, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(_broken_config(cfg, how)))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(sorted((small_dataset / "imagesTr").glob("*.nii.gz"))[0], inp)
+    code, said = _s3d(["predict", "-i", str(inp), "-o", str(tmp_path / "o"), "-m", str(model), "--device", "cpu"],
+                      capsys)
+    assert code == 2, said
+    line = said.strip()
+    assert "\n" not in line and "Traceback" not in line and line.startswith("s3d: error: ")
+    assert f"{model / names}: " in line and says in line, line
+    assert not any((tmp_path / "o").iterdir())
+
+
+def test_a_truncated_model_file_is_one_line(trained_run, small_dataset, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(trained_run, model)
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 3])
+    code, said = _s3d(["predict", "-i", str(small_dataset / "imagesTr"), "-o", str(tmp_path / "o"), "-m", str(model),
+                       "--device", "cpu"], capsys)
+    assert code == 2 and "\n" not in said.strip()
+    assert f"{model / 'model.safetensors'}: not a readable safetensors file" in said
+
+
+def test_a_tiny_model_spacing_fails_each_case_before_allocating(trained_run, small_dataset, tmp_path, capsys):
+    """A config spacing of 0.001 mm once made predict try to allocate ~250 GB."""
+    model = tmp_path / "model"
+    shutil.copytree(trained_run, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["plan"]["target_spacing"] = [0.001] * 3
+    (model / "config.json").write_text(json.dumps(cfg))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for src in sorted((small_dataset / "imagesTr").glob("*.nii.gz"))[:2]:
+        shutil.copy(src, inp)
+    code, said = _s3d(["predict", "-i", str(inp), "-o", str(tmp_path / "o"), "-m", str(model), "--device", "cpu"],
+                      capsys)
+    assert code == 2 and "Traceback" not in said
+    errors = [ln for ln in said.splitlines() if "s3d: error:" in ln and "memory budget" in ln]
+    assert len(errors) == 2 and "at the model's spacing 0.001 x 0.001 x 0.001 mm" in errors[0]
+    assert "2 of 2 cases could not be predicted" in said
+    assert not any((tmp_path / "o").iterdir())

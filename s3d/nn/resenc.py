@@ -62,8 +62,10 @@ def _triple(v: Any, what: str) -> Size3:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         v = (v, v, v)
     try:
+        if isinstance(v, (str, bytes)):
+            raise TypeError(what)
         t = tuple(int(a) for a in v)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise NetworkConfigError(f"network config: {what} {v!r} is not a number or three numbers") from e
     if len(t) != 3 or min(t) < 1:
         raise NetworkConfigError(f"network config: {what} {v!r} needs three positive integers")

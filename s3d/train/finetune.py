@@ -199,9 +199,11 @@ def _finetune(dataset: Path, output: Path, cfg: FinetuneConfig, *, resume: bool,
     pretrained_sd, pretrained_cfg = None, None
     if cfg.weights:
         from s3d.hub import resolve_weights
+        from s3d.model_check import check_config
 
         resolved = resolve_weights(cfg.weights)
-        pretrained_sd, pretrained_cfg = resolved.state_dict, resolved.config
+        pretrained_cfg = check_config(resolved.config, resolved.source)
+        pretrained_sd = resolved.state_dict
         if cfg.spacing is None:
             cfg.spacing = tuple(pretrained_cfg.get("plan", {}).get("target_spacing") or
                                 pretrained_cfg.get("spacing") or (1.0, 1.0, 1.0))

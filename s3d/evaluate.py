@@ -83,11 +83,19 @@ def resolve_labels(labels: dict[str, int] | Sequence[int] | None, ref_dir: str |
 
 
 def _evaluate_pair(args: tuple[str, str, list[int] | None, float]) -> dict[str, Any]:
-    """One case (runs in a worker process): read both label maps, check the grid, compute metrics."""
+    """One case (runs in a worker process): its metrics, or {"error": one line} when it cannot be
+    scored, so that one bad file does not hide the problems of the others."""
+    try:
+        return _score_pair(*args)
+    except S3DError as e:
+        return {"error": str(e)}
+
+
+def _score_pair(ref_path: str, pred_path: str, labels: list[int] | None, tolerance: float) -> dict[str, Any]:
+    """Read both label maps, check the grid, compute metrics."""
     from s3d.data.io import read_label
     from s3d.metrics import evaluate_case
 
-    ref_path, pred_path, labels, tolerance = args
     ref, ref_geo = read_label(ref_path)
     pred, pred_geo = read_label(pred_path)
     if tuple(ref.shape) != tuple(pred.shape):
@@ -152,13 +160,25 @@ def evaluate_folders(ref_dir: str | Path, pred_dir: str | Path,
     if not refs:
         raise S3DError(f"{ref_dir}: no label files ({', '.join(_suffixes())})")
     preds = _label_files(pred_dir)
-    for name in refs:
-        if name not in preds:
-            raise S3DError(f"{pred_dir / name}: prediction missing for reference {refs[name]}")
+    problems = [f"{pred_dir / name}: prediction missing for reference {refs[name]}" for name in refs
+                if name not in preds]
 
     label_list = None if label_names is None else list(label_names)
-    tasks = [(str(refs[n]), str(preds[n]), label_list, tolerance) for n in refs]
+    tasks = [(str(refs[n]), str(preds[n]), label_list, tolerance) for n in refs if n in preds]
     results = _run(tasks, max(1, int(jobs)), progress)
+    problems += [r["error"] for r in results if "error" in r]
+    if problems:
+        # A mean over the cases that could be read would look complete and not be: no summary at all,
+        # but every problem, one line each, before the one that fails the call.
+        from tqdm import tqdm
+
+        from s3d.errors import one_line
+
+        if len(problems) > 1:
+            for problem in problems:
+                tqdm.write(f"s3d: error: {one_line(problem)}")
+        raise S3DError(f"{problems[0]} ({len(problems)} of {len(refs)} cases could not be scored"
+                       f"{', all listed above' if len(problems) > 1 else ''}; no summary written)")
 
     if label_names is None:
         found = sorted({v for r in results for v in r.pop("ref_values")})

@@ -169,3 +169,21 @@ def test_cli_help_explains_options():
     text = CliRunner().invoke(evaluate, ["--help"]).output
     for needle in ("--nsd-tolerance", "mm", "default: 1.0", "--labels", "dataset.json", "--jobs", "summary.json"):
         assert needle in text, needle
+
+
+def test_every_bad_prediction_is_named_and_no_partial_summary_is_written(folders, capsys):
+    """One bad file used to hide the others' problems; a mean over the readable ones would look complete."""
+    from s3d.cli import main
+
+    ref_dir, pred_dir, _ = folders
+    (pred_dir / CASES[0]).write_bytes(b"\x1f\x8b\x08\x00 not a volume")
+    (pred_dir / CASES[2]).unlink()
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(ref_dir), str(pred_dir)])
+    assert e.value.code == 2
+    out = capsys.readouterr()
+    said = (out.out + out.err).splitlines()
+    assert any(str(pred_dir / CASES[0]) in ln and "cannot read" in ln for ln in said)
+    assert any(str(pred_dir / CASES[2]) in ln and "prediction missing" in ln for ln in said)
+    assert "2 of 3 cases could not be scored, all listed above; no summary written" in out.err
+    assert not (pred_dir / "summary.json").exists() and not (pred_dir / "summary.csv").exists()

@@ -351,3 +351,32 @@ def test_plan_uses_nonzero_mask_when_cropping_shrinks_cases(tmp_path):
     assert plan.use_nonzero_mask == [True] and plan.target_spacing == (1.0, 1.0, 2.0)
     plan, _ = plan_dataset(find_dataset(tmp_path), "median", norm="ct")
     assert plan.use_nonzero_mask == [False] and plan.ct_stats[0]["p005"] >= 1
+
+
+def test_a_tiny_target_spacing_is_refused_before_resampling(hippocampus_dir, monkeypatch):
+    """--spacing 0.001 once ended in a MemoryError traceback (or the OOM killer) halfway through a dataset."""
+    from s3d.data.io import read_channels, read_label
+    from s3d.data.preprocess import Plan, preprocess_case
+
+    path = hippocampus_dir / "imagesTr" / "hippocampus_033_0000.nii.gz"
+    images, geo = read_channels([path])
+    seg, _ = read_label(hippocampus_dir / "labelsTr" / "hippocampus_033.nii.gz")
+    plan = Plan(target_spacing=(0.01, 0.01, 0.01), normalization=["zscore"], ct_stats=[None],
+                channel_names={0: "MRI"}, labels={"background": 0, "a": 1, "b": 2})
+    with pytest.raises(S3DError, match=r"hippocampus_033_0000.nii.gz: resampling it to 0.01 x 0.01 x 0.01 mm .*"
+                                       r"more than the memory budget"):
+        preprocess_case(images, geo, plan, seg)
+    # the same case fits once the budget allows it: the check measures, it does not refuse small spacings
+    data, _, _ = preprocess_case(images, geo, Plan(**{**plan.__dict__, "target_spacing": (0.5, 0.5, 0.5)}), seg)
+    monkeypatch.setenv("S3D_MAX_IMAGE_BYTES", str(data[0].size * 4))  # less than the image and its temporaries
+    with pytest.raises(S3DError, match="memory budget"):
+        preprocess_case(images, geo, Plan(**{**plan.__dict__, "target_spacing": (0.5, 0.5, 0.5)}), seg)
+
+
+@pytest.mark.parametrize("spacing", [(0, 1, 1), (float("nan"), 1, 1), (1, 1), (-1, 1, 1)])
+def test_a_plan_needs_three_positive_spacings(spacing):
+    from s3d.data.preprocess import Plan
+
+    with pytest.raises(S3DError, match="needs three positive, finite numbers of mm"):
+        Plan(target_spacing=spacing, normalization=["zscore"], ct_stats=[None], channel_names={0: "MRI"},
+             labels={"background": 0})

@@ -81,3 +81,14 @@ def test_valid_mask_marks_the_padding(tmp_path):
     assert valid.shape == (2, 1, 16, 16, 16) and valid.sum(axis=(1, 2, 3, 4)).tolist() == [10 * 12 * 6] * 2
     assert (b["image"].numpy()[valid == 0] == 0).all()
     assert (b["image"].numpy()[valid == 1] != 0).all()
+
+
+def test_a_batch_larger_than_the_memory_budget_is_refused_up_front(real_case, monkeypatch):
+    from s3d.errors import S3DError
+
+    with pytest.raises(S3DError, match=r"--patch-size 4000 x 4000 x 4000 with --batch-size 2: one batch is about"):
+        PatchDataset([real_case], (4000, 4000, 4000), 2)
+    monkeypatch.setenv("S3D_MAX_IMAGE_BYTES", str(2 * 32**3 * 8))  # exactly one batch of 32^3, image + label
+    PatchDataset([real_case], (32, 32, 32), 2)
+    with pytest.raises(S3DError, match="memory budget"):
+        PatchDataset([real_case], (32, 32, 32), 3)

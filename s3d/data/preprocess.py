@@ -72,6 +72,15 @@ class Plan:
     # per channel: z-score over the nonzero region only (and 0 outside), nnU-Net's use_mask_for_norm
     use_nonzero_mask: list[bool] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        try:
+            sp = tuple(float(s) for s in self.target_spacing)
+        except (TypeError, ValueError):
+            sp = ()
+        if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
+            raise S3DError(f"target spacing {tuple(self.target_spacing)}: needs three positive, finite numbers of mm")
+        self.target_spacing = sp
+
     def to_dict(self) -> dict:
         return {
             "target_spacing": [float(s) for s in self.target_spacing],
@@ -259,6 +268,24 @@ def sample_class_locations(
 
 
 # ----------------------------------------------------------------------------------- one case
+def check_resampled_size(source: str, new_shape: Sequence[int], target_spacing: Sequence[float], channels: int,
+                         with_seg: bool) -> None:
+    """S3DError naming `source` when resampling onto `new_shape` would take more than the memory budget:
+    a tiny target spacing (an option, a model config) fails on one line instead of a MemoryError."""
+    from s3d.data.io import memory_budget
+
+    voxels = float(np.prod([float(n) for n in new_shape]))
+    # float32 image and its interpolation temporary per channel; the label's running max, argmax and
+    # per-label score (resample_label)
+    need = voxels * (8 * channels + (10 if with_seg else 0))
+    budget = memory_budget()
+    if need > budget:
+        spacing = " x ".join(f"{s:g}" for s in target_spacing)
+        raise S3DError(f"{source}: resampling it to {spacing} mm means a {tuple(int(n) for n in new_shape)} grid, "
+                       f"about {need / 2**30:.3g} GiB, more than the memory budget {budget / 2**30:.3g} GiB "
+                       "(S3D_MAX_IMAGE_BYTES)")
+
+
 def preprocess_case(
     images: np.ndarray,
     geometry: Any,
@@ -287,6 +314,8 @@ def preprocess_case(
     shape_after_crop = tuple(int(s) for s in data.shape[1:])
     data = normalize(data, plan, seg_c)
     new_shape = shape_for_spacing(shape_after_crop, spacing, plan.target_spacing)
+    check_resampled_size(getattr(geometry, "source", "image"), new_shape, plan.target_spacing, len(data),
+                         seg_c is not None)
     axis = anisotropic_axis(spacing, plan.target_spacing, plan.anisotropy_threshold)
     data = resample_to_shape(data, new_shape, axis_orders(3, axis))
     out_seg = None

@@ -129,8 +129,24 @@ class PatchDataset(IterableDataset):
         self._has_mask = np.array([c.has_loss_mask for c in cases], bool)
         self.labeled = bool(self._has_seg.all())
         self._labels = [tuple(c.class_location_labels) for c in cases] if self.labeled else None
+        self._check_batch_memory()
         self._open: OrderedDict[int, dict] = OrderedDict()
         self._locations: OrderedDict[int, dict] = OrderedDict()
+
+    def _check_batch_memory(self) -> None:
+        """S3DError when one batch alone (float32 image + label per sample) exceeds the memory budget: a
+        mistyped --patch-size or --batch-size fails on one line, not as a MemoryError in a worker."""
+        from s3d.data.io import memory_budget
+        from s3d.errors import S3DError
+
+        channels = 1 if self.channels_as_samples else int(self._channels.max())
+        need = float(self.batch_size) * float(np.prod([float(p) for p in self.patch_size])) * (4 * channels + 4)
+        budget = memory_budget()
+        if need > budget:
+            patch = " x ".join(str(p) for p in self.patch_size)
+            raise S3DError(f"--patch-size {patch} with --batch-size {self.batch_size}: one batch is about "
+                           f"{need / 2**30:.3g} GiB before the network runs, more than the memory budget "
+                           f"{budget / 2**30:.3g} GiB (S3D_MAX_IMAGE_BYTES)")
 
     def __getstate__(self) -> dict:
         # open store files belong to one process; a worker started by spawn / forkserver opens its own

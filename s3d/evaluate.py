@@ -12,6 +12,7 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,7 @@ def evaluate_folders(ref_dir: str | Path, pred_dir: str | Path,
 
         if len(problems) > 1:
             for problem in problems:
-                tqdm.write(f"s3d: error: {one_line(problem)}")
+                tqdm.write(f"s3d: error: {one_line(problem)}", file=sys.stderr)
         raise S3DError(f"{problems[0]} ({len(problems)} of {len(refs)} cases could not be scored"
                        f"{', all listed above' if len(problems) > 1 else ''}; no summary written)")
 
@@ -244,6 +245,24 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def check_summary_path(output: str | Path) -> None:
+    """S3DError unless `output` is a .json path that is new or holds an earlier summary: `-o` pointed at
+    a label file or a dataset.json once replaced it with the summary."""
+    output = Path(output)
+    if output.suffix.lower() != ".json":
+        raise S3DError(f"{output}: the summary is a .json file (give -o SUMMARY.json)")
+    for path in (output, output.with_suffix(".csv")):
+        if path.is_dir():
+            raise S3DError(f"{path}: is a folder; give -o a file name")
+    if output.exists():
+        try:
+            earlier = json.loads(output.read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and "metric_per_case" in earlier):
+            raise S3DError(f"{output}: exists and is not an earlier evaluation summary; not overwriting it")
+
+
 def write_summary(summary: dict[str, Any], output: str | Path) -> tuple[Path, Path]:
     """Write `summary` as JSON to `output` and a CSV (one row per case and label) beside it; atomic."""
     from s3d.data.io import atomic_path
@@ -253,6 +272,7 @@ def write_summary(summary: dict[str, Any], output: str | Path) -> tuple[Path, Pa
     csv_path = output.with_suffix(".csv")
     if csv_path == output:
         raise S3DError(f"{output}: the summary must not be a .csv file (the CSV goes next to it)")
+    check_summary_path(output)
     text = json.dumps(json_safe(summary), indent=2, allow_nan=False)
     with atomic_path(output) as tmp:
         Path(tmp).write_text(text + "\n")

@@ -90,19 +90,24 @@ def check_config(config: Any, source: str, kind: str | None = None) -> dict:
 
 
 def check_tensors(network: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """S3DError naming `source` unless `state` holds exactly `network`'s tensors, in its shapes."""
+    """S3DError naming `source` unless `state` holds exactly `network`'s tensors, in its shapes (the
+    network may live on the meta device), all finite."""
     own = network.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if not (missing or unexpected or reshaped):
-        return
+    example = ""
     if reshaped:
         k = reshaped[0]
         example = f"{k} is {tuple(state[k].shape)}, the config's network needs {tuple(own[k].shape)}"
     elif missing:
         example = f"{missing[0]} is missing"
-    else:
+    elif unexpected:
         example = f"{unexpected[0]} is not in the config's network"
-    raise _fail(source, f"tensors do not match its config.json ({len(reshaped)} reshaped, {len(missing)} missing, "
-                        f"{len(unexpected)} unexpected; {example})")
+    if missing or unexpected or reshaped:
+        raise _fail(source, f"tensors do not match its config.json ({len(reshaped)} reshaped, {len(missing)} "
+                            f"missing, {len(unexpected)} unexpected; {example})")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise _fail(source, f"{len(broken)} tensor(s) hold NaN or inf, e.g. {broken[0]} (a diverged or damaged "
+                            "model would segment everything as background)")

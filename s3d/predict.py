@@ -7,6 +7,7 @@ cropped grid, paste into the full grid, argmax) -> write with the input's header
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +64,9 @@ def load_predictor(model: str | Path, device: str = "auto", amp: str = "auto") -
     check_config(config, config_source, kind="segmentation")
     net_cfg = ResEncConfig.from_dict(config["network"])
     net_cfg.deep_supervision = False  # inference needs the full-resolution output only
+    with torch.device("meta"):  # shapes only: a config describing a huge network allocates nothing
+        check_tensors(ResEncUNet(net_cfg), state, tensor_source)
     network = ResEncUNet(net_cfg)
-    check_tensors(network, state, tensor_source)
     network.load_state_dict(state)
     dev = resolve_device(device)
     network.to(dev).eval()
@@ -157,10 +159,13 @@ def predict_folder(
     cases were bad, so a script notices.
     """
     from s3d.data.dataset import find_images
-    from s3d.data.io import read_channels, write_image, write_segmentation
+    from s3d.data.io import memory_budget, read_channels, write_image, write_segmentation
     from s3d.files import prepare_output_dir
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not 0 < step_size <= 1:  # also NaN, which click's FloatRange lets through
+        raise S3DError(f"--step-size {step_size}: must be in (0, 1] (a fraction of the patch; nnU-Net 0.5)")
+    memory_budget()  # a malformed S3D_MAX_IMAGE_BYTES is said once, not once per case
     if not input_dir.is_dir():
         raise S3DError(f"{input_dir}: not a folder")
     prepare_output_dir(output_dir, inputs=(input_dir,), inside_inputs_ok=True)
@@ -180,7 +185,7 @@ def predict_folder(
             seg, probs = predict_case(predictor, images, geometry, step_size=step_size, tta=tta,
                                       batch_size=batch_size, return_probabilities=save_probabilities)
         except S3DError as e:
-            tqdm.write(f"s3d: error: {one_line(e)}")
+            tqdm.write(f"s3d: error: {one_line(e)}", file=sys.stderr)
             failed.append(case.case_id)
             continue
         if probs is not None:

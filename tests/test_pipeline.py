@@ -326,3 +326,19 @@ def test_a_tiny_model_spacing_fails_each_case_before_allocating(trained_run, sma
     assert len(errors) == 2 and "at the model's spacing 0.001 x 0.001 x 0.001 mm" in errors[0]
     assert "2 of 2 cases could not be predicted" in said
     assert not any((tmp_path / "o").iterdir())
+
+
+def test_a_model_with_nan_weights_is_refused_not_predicted_as_background(trained_run, small_dataset, tmp_path,
+                                                                          capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(trained_run, model)
+    sd = load_file(str(model / "model.safetensors"))
+    key = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[key] = sd[key] * float("nan")
+    save_file(sd, str(model / "model.safetensors"))
+    code, said = _s3d(["predict", "-i", str(small_dataset / "imagesTr"), "-o", str(tmp_path / "o"), "-m", str(model),
+                       "--device", "cpu"], capsys)
+    assert code == 2 and "\n" not in said.strip()
+    assert f"{model / 'model.safetensors'}: 1 tensor(s) hold NaN or inf, e.g. {key}" in said

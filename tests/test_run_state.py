@@ -219,9 +219,12 @@ def test_a_second_process_is_refused_while_the_first_trains_and_admitted_after_i
 
 def test_begin_run_refuses_before_anything_is_written(tmp_path):
     (tmp_path / "finetune.json").write_text('{"steps": 7}')
-    with pytest.raises(S3DError, match=r"holds a run already \(finetune.json\); pass --resume"):
-        begin_run(tmp_path, "finetune.json", resume=False)
+    # settings without a checkpoint: a start that failed or died early; a corrected start may replace them
+    assert begin_run(tmp_path, "finetune.json", resume=False) is None
     assert begin_run(tmp_path, "finetune.json", resume=True) == {"steps": 7}
+    _toy_state(tmp_path, (5,))
+    with pytest.raises(S3DError, match=r"holds a run already \(state.safetensors\); pass --resume"):
+        begin_run(tmp_path, "finetune.json", resume=False)
     (tmp_path / "finetune.json").write_text("[1, 2]")
     with pytest.raises(S3DError, match="not a settings object"):
         begin_run(tmp_path, "finetune.json", resume=True)

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
+    except click.UsageError as e:
+        # one line like every other error, with where to read more, instead of click's three-line usage
+        where = f"`{e.ctx.command_path} --help`" if e.ctx is not None else "`s3d --help`"
+        click.echo(f"s3d: error: {one_line(e.format_message())} (see {where})", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -49,8 +49,10 @@ def evaluate(ref_dir: Path, pred_dir: Path, output: Path | None, nsd_tolerance: 
     from s3d.evaluate import evaluate_folders
 
     output = output if output is not None else pred_dir / "summary.json"
+    from s3d.evaluate import check_summary_path
     from s3d.files import prepare_output_dir
 
+    check_summary_path(output)  # before the cases are scored, not after
     prepare_output_dir(output.parent, what="folder of the summary")
     summary = evaluate_folders(ref_dir, pred_dir, labels, nsd_tolerance=nsd_tolerance, jobs=jobs, output=output)
     rows = [(f"{value} {name}" if name != value else value, summary["mean"][value])

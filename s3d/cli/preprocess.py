@@ -30,7 +30,15 @@ class _SpacingCommand(click.Command):
                 out += args[i:]
                 break
             nums = args[i + 1: i + 4]
-            if args[i] == "--spacing" and len(nums) == 3 and all(_is_number(t) for t in nums):
+            if args[i] == "--spacing" and nums and _is_number(nums[0]):
+                # exactly three numbers: a fourth (or a missing third) would silently become an INPUT
+                count = 0
+                while i + 1 + count < len(args) and _is_number(args[i + 1 + count]):
+                    count += 1
+                if count != 3:
+                    given = " ".join(args[i + 1: i + 1 + count])
+                    raise click.UsageError(f"--spacing takes 'median' or three numbers (X Y Z mm), got {count}: "
+                                           f"{given}", ctx=ctx)
                 out.append("--spacing=" + ",".join(nums))
                 i += 4
             else:

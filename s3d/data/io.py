@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -269,9 +270,12 @@ def memory_budget() -> int:
     env = os.environ.get("S3D_MAX_IMAGE_BYTES")
     if env:
         try:
-            return int(float(env))
+            value = float(env)
         except ValueError:
-            raise S3DError(f"S3D_MAX_IMAGE_BYTES={env!r}: expected a number of bytes") from None
+            value = math.nan
+        if not (math.isfinite(value) and value >= 1):
+            raise S3DError(f"S3D_MAX_IMAGE_BYTES={env!r}: expected a positive number of bytes (e.g. 64e9)")
+        return int(value)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):  # no sysconf (Windows): a laptop-sized default

@@ -11,6 +11,8 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
+from s3d.env import env_int
+
 # Batches each worker prepares ahead (DataLoader's prefetch_factor): enough to hide the jitter of a
 # slow read, few enough that W workers hold 2W batches at most.
 PREFETCH = 2
@@ -29,7 +31,7 @@ def available_cores() -> int:
 def default_workers() -> int:
     """Loader processes per training process: the cores this process may use, shared among the
     torchrun processes of this machine, minus one for the training process itself, at most 8."""
-    per_process = available_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_process = available_cores() // env_int("LOCAL_WORLD_SIZE", 1, minimum=1)
     return max(0, min(MAX_DEFAULT_WORKERS, per_process - 1))
 
 

@@ -148,20 +148,28 @@ def crop_to_nonzero(
     return data[(slice(None), *sl)], (None if seg is None else seg[sl]), bbox
 
 
+def _rms(v: np.ndarray) -> float:
+    """Root mean square of float32 `v`, scaled by its peak first: squaring valid float32 intensities
+    above ~1e19 (a large scl_slope) overflowed to inf and z-scored the image to all zeros."""
+    peak = float(np.max(np.abs(v))) if v.size else 0.0
+    if peak == 0.0:
+        return 0.0
+    return peak * math.sqrt(np.square(v / np.float32(peak)).mean(dtype=np.float64))
+
+
 def _zscore(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """float32 (x - mean) / std with float64 accumulators (no float64 copy of the volume)."""
     if mask is None:
         out = x.astype(np.float32, copy=True)
         mean = out.mean(dtype=np.float64)
         out -= np.float32(mean)
-        std = math.sqrt(np.square(out).mean(dtype=np.float64))
-        out /= np.float32(max(std, 1e-8))
+        out /= np.float32(max(_rms(out), 1e-8))
         return out
     out = np.zeros(x.shape, dtype=np.float32)
     vals = x[mask].astype(np.float32)
     if vals.size:
         vals -= np.float32(vals.mean(dtype=np.float64))
-        vals /= np.float32(max(math.sqrt(np.square(vals).mean(dtype=np.float64)), 1e-8))
+        vals /= np.float32(max(_rms(vals), 1e-8))
         out[mask] = vals
     return out
 

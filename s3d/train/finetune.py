@@ -12,7 +12,6 @@ during the decoder warm-up.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,10 +22,11 @@ from tqdm.auto import tqdm
 
 from s3d import __version__
 from s3d.checkpoint import save_model
+from s3d.env import rank, world_size
 from s3d.errors import S3DError
 from s3d.nn.losses import DeepSupervisionLoss, DiceCELoss
 from s3d.train.cache import default_cache_dir, preprocessed_folder  # noqa: F401 - default_cache_dir re-exported
-from s3d.train.loop import Phase, TrainConfig, resolve_device, train
+from s3d.train.loop import Phase, TrainConfig, check_lr, resolve_device, train
 from s3d.train.run_folder import begin_run, run_lock, settings_from_saved, write_settings
 
 SETTINGS_FILE = "finetune.json"
@@ -195,6 +195,9 @@ def _finetune(dataset: Path, output: Path, cfg: FinetuneConfig, *, resume: bool,
         cfg.patch_size = tuple(cfg.patch_size) if cfg.patch_size else None
         tqdm.write(f"--resume: continuing with the settings in {output / SETTINGS_FILE} (other options given now, "
                    "except --device, are ignored)")
+    if cfg.lr is not None:
+        check_lr(cfg.lr)
+    resolve_device(cfg.device)  # before hours of preprocessing, not after
 
     pretrained_sd, pretrained_cfg = None, None
     if cfg.weights:
@@ -247,6 +250,7 @@ def _finetune(dataset: Path, output: Path, cfg: FinetuneConfig, *, resume: bool,
             + (f", stem replicated over {in_channels} channels" if transfer_report["stem_replicated"] else "")
         )
     lr = cfg.lr if cfg.lr is not None else (1e-3 if pretrained_sd is not None else 1e-2)
+    check_lr(lr)
     train_cfg = TrainConfig(steps=cfg.steps, lr=lr, phases=schedule(cfg, pretrained_sd is not None),
                             checkpoint_every=cfg.checkpoint_every, val_every=cfg.val_every,
                             device=cfg.device, amp=cfg.amp, seed=cfg.seed)
@@ -271,7 +275,7 @@ def _finetune(dataset: Path, output: Path, cfg: FinetuneConfig, *, resume: bool,
     def make_batches(start_step: int):
         ds = PatchDataset([by_id[i] for i in train_ids], cfg.patch_size, cfg.batch_size,
                           oversample_foreground=cfg.oversample_foreground, seed=cfg.seed, start_step=start_step,
-                          rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
+                          rank=rank(), world_size=world_size())
         return make_loader(ds, workers, resolve_device(cfg.device))
 
     def export(objective: SegmentationObjective, step: int) -> None:

@@ -28,6 +28,7 @@ from s3d.checkpoint import (
     load_training_state,
     save_training_state,
 )
+from s3d.env import env_int, world_size
 from s3d.errors import S3DError
 from s3d.files import atomic_path
 
@@ -99,6 +100,12 @@ def lr_factor(step: int, phases: list[Phase]) -> tuple[float, tuple[str, ...]]:
     return 0.0, ()
 
 
+def check_lr(lr: float) -> None:
+    """S3DError unless the peak learning rate can train: positive and finite."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise S3DError(f"--lr {lr}: must be a positive number (nnU-Net 1e-2, S3D fine-tuning 1e-3)")
+
+
 def resolve_device(spec: str) -> torch.device:
     """`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`; under torchrun, the local rank's GPU."""
     if spec == "auto":
@@ -107,7 +114,7 @@ def resolve_device(spec: str) -> torch.device:
         if not torch.cuda.is_available():
             raise S3DError(f"--device {spec}: no CUDA device is available (use --device cpu)")
         if spec == "cuda" and "LOCAL_RANK" in os.environ:
-            spec = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            spec = f"cuda:{env_int('LOCAL_RANK', 0)}"
     elif spec != "cpu":
         raise S3DError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
     return torch.device(spec)
@@ -115,7 +122,7 @@ def resolve_device(spec: str) -> torch.device:
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the torchrun process group when launched by torchrun; (rank, world_size)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if world_size() <= 1:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -186,6 +193,7 @@ def train(
     validate(objective, step) returns metrics to log (rank 0, every cfg.val_every steps and at the end).
     """
     run_dir = Path(run_dir)
+    check_lr(cfg.lr)
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
     main_rank = rank == 0

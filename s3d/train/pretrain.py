@@ -13,7 +13,7 @@ transfers it by name.
 from __future__ import annotations
 
 import copy
-import os
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from s3d import __version__
 from s3d.checkpoint import save_model, write_json
+from s3d.env import rank, world_size
 from s3d.errors import S3DError
-from s3d.train.loop import TrainConfig, train
+from s3d.train.loop import TrainConfig, check_lr, train
 from s3d.train.run_folder import begin_run, run_lock, settings_from_saved, write_settings
 
 SETTINGS_FILE = "pretrain.json"
@@ -62,6 +63,23 @@ class PretrainConfig:
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def check(self, n_stages: int) -> None:
+        """S3DError naming the option whose value cannot train (before anything is written)."""
+        def bad(option: str, value: object, rule: str) -> S3DError:
+            return S3DError(f"{option} {value}: {rule}")
+
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise bad("--temperature", self.temperature, "must be a positive number (SimTROT tau, e.g. 0.5)")
+        if not (math.isfinite(self.same_position_weight) and self.same_position_weight > 0):
+            raise bad("--same-position-weight", self.same_position_weight, "must be a positive number (SimTROT w)")
+        if not 0 <= self.ema_decay <= 1:
+            raise bad("--ema-decay", self.ema_decay, "must be in [0, 1] (BYOL target momentum, e.g. 0.99)")
+        if not 0 <= self.view_mask_ratio < 1:
+            raise bad("--view-mask-ratio", self.view_mask_ratio, "must be in [0, 1)")
+        if not -n_stages <= self.token_stage < n_stages:
+            raise bad("--token-stage", self.token_stage, f"the network has {n_stages} stages (0..{n_stages - 1}, "
+                      "or -1 for the bottleneck)")
 
 
 class MAEObjective(nn.Module):
@@ -302,8 +320,11 @@ def _pretrain(data: list[str | Path], output: Path, cfg: PretrainConfig, *, resu
         tqdm.write(f"--resume: continuing with the settings in {output / SETTINGS_FILE} (other options given now, "
                    "except --device, are ignored)")
     net_cfg = network_config(cfg)
+    cfg.check(net_cfg.n_stages)
+    check_lr(cfg.lr)
+    resolve_device(cfg.device)  # a GPU that is not there fails now, before the settings are written
     sources = [Path(d) for d in data]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not all((s / "plan.json").is_file() for s in sources):
+    if world_size() > 1 and not all((s / "plan.json").is_file() for s in sources):
         raise S3DError("under torchrun, preprocess first (`s3d preprocess SOURCES... STORE --corpus`, one machine "
                        "or --part K --parts N on several) and pre-train on STORE, so that ranks do not race")
     from s3d.data.curation import CurationConfig
@@ -313,7 +334,7 @@ def _pretrain(data: list[str | Path], output: Path, cfg: PretrainConfig, *, resu
     num_cases = len(cases)
     # the compact table every loader worker gets; the case objects are not needed after this
     dataset = PatchDataset(cases, cfg.patch_size, cfg.batch_size, oversample_foreground=0.0, seed=cfg.seed,
-                           rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                           rank=rank(), world_size=world_size(),
                            channels_as_samples=True, with_valid_mask=cfg.method == "mae")
     del cases
     workers = default_workers() if workers is None else workers
@@ -352,7 +373,7 @@ def _pretrain(data: list[str | Path], output: Path, cfg: PretrainConfig, *, resu
     if saved is None:
         write_settings(output, SETTINGS_FILE, cfg.to_dict())
     write_json(output / "skipped_for_patch.json", small, indent=1)
-    if small and int(os.environ.get("RANK", "0")) == 0:
+    if small and rank() == 0:
         tqdm.write(f"{num_cases} volume(s) to pre-train on; {len(small)} left out as smaller than the patch "
                    f"(listed in {output / 'skipped_for_patch.json'})")
     train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, checkpoint_every=cfg.checkpoint_every, device=cfg.device,

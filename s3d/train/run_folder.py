@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from s3d.checkpoint import STATE_FILE, find_training_state, has_training_state
+from s3d.env import rank
 from s3d.errors import S3DError
 from s3d.files import read_json, write_json
 
@@ -24,7 +25,7 @@ T = TypeVar("T")
 
 
 def _is_main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank() == 0
 
 
 @contextlib.contextmanager
@@ -65,9 +66,11 @@ def begin_run(run_dir: str | Path, settings_file: str, resume: bool) -> dict | N
     if not resume and not _is_main_rank():
         return None  # rank 0 decides; it may already have written the settings of this very start
     if not resume:
-        if has_training_state(run_dir) or settings.exists():
-            held = STATE_FILE if has_training_state(run_dir) else settings_file
-            raise S3DError(f"{run_dir}: holds a run already ({held}); pass --resume to continue it or pick a "
+        # Only a checkpoint makes a run worth protecting: settings without one come from a start that
+        # failed (a bad option, no GPU) or was killed before its first save, and a corrected start may
+        # replace them.
+        if has_training_state(run_dir):
+            raise S3DError(f"{run_dir}: holds a run already ({STATE_FILE}); pass --resume to continue it or pick a "
                            "new folder")
         return None
     state = find_training_state(run_dir)  # an unusable state is an error now, not after preprocessing

@@ -185,14 +185,29 @@ class StateFile:
     note: str = ""  # why an older file is used, when the newest could not be
 
 
-def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, meta) of one state file, or S3DError saying what is wrong with it."""
+def _complete_metadata(path: Path) -> dict[str, str]:
+    """The safetensors metadata of `path` after checking, from its header alone, that the file holds
+    every byte the header promises: a resume decides which state to use without reading gigabytes."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100 << 20:  # safetensors caps its header at 100 MB
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise S3DError(f"{path}: damaged or not a safetensors file ({' '.join(str(e).split())})") from None
+    if path.stat().st_size < 8 + size + end:
+        raise S3DError(f"{path}: damaged or not a safetensors file (truncated: {path.stat().st_size} bytes, the "
+                       f"header needs {8 + size + end})")
+    return header.get("__metadata__") or {}
+
+
+def _read_meta(path: Path) -> dict:
+    """The training metadata of one state file, or S3DError saying what is wrong with the file."""
     if not path.exists():
         raise S3DError(f"{path}: file not found")
-    try:
-        metadata = tensors_metadata(path)
-    except Exception as e:  # safetensors' own errors for truncated / foreign files
-        raise S3DError(f"{path}: damaged or not a safetensors file ({' '.join(str(e).split())})") from None
+    metadata = _complete_metadata(path)
     if metadata.get("format") == STATE_FORMAT:
         try:
             meta = json.loads(metadata["meta"])
@@ -209,7 +224,7 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         if metadata.get("step") != str(meta["step"]):
             raise S3DError(f"{path.parent}: {path.name} and {STATE_JSON} disagree on the step (interrupted save "
                            "by s3d <= 0.4)")
-    return load_tensors(path), meta
+    return meta
 
 
 def find_training_state(directory: str | Path) -> StateFile | None:
@@ -222,7 +237,7 @@ def find_training_state(directory: str | Path) -> StateFile | None:
         if not path.exists():
             continue
         try:
-            _, meta = _read_state(path)
+            meta = _read_meta(path)
         except S3DError as e:
             problems.append(str(e))
             continue
@@ -251,18 +266,14 @@ def load_training_state(
     state = state or find_training_state(directory)
     if state is None:
         raise S3DError(f"{directory}: no training state ({STATE_FILE}) to resume from")
-    tensors, meta = _read_state(state.path)
+    from s3d.model_check import tensor_mismatch
+
+    meta = _read_meta(state.path)
+    tensors = load_tensors(state.path)
     module_sd = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
-    own = module.state_dict()
-    missing = [k for k in own if k not in module_sd]
-    unexpected = [k for k in module_sd if k not in own]
-    reshaped = [k for k in own if k in module_sd and module_sd[k].shape != own[k].shape]
-    if missing or unexpected or reshaped:
-        example = (missing or unexpected or reshaped)[0]
-        raise S3DError(
-            f"{state.path}: does not match this model ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(reshaped)} reshaped tensors, e.g. {example}); was it written by another config?"
-        )
+    mismatch = tensor_mismatch(module.state_dict(), module_sd)
+    if mismatch:
+        raise S3DError(f"{state.path}: does not match this model ({mismatch}); was it written by another config?")
     module.load_state_dict(module_sd)
     try:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))

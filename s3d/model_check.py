@@ -89,24 +89,30 @@ def check_config(config: Any, source: str, kind: str | None = None) -> dict:
     return config
 
 
-def check_tensors(network: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """S3DError naming `source` unless `state` holds exactly `network`'s tensors, in its shapes (the
-    network may live on the meta device), all finite."""
-    own = network.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    example = ""
+def tensor_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
+    """How `state` differs from the keys and shapes of `expected` (counts and a first example), None when
+    it does not."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if reshaped:
         k = reshaped[0]
-        example = f"{k} is {tuple(state[k].shape)}, the config's network needs {tuple(own[k].shape)}"
+        example = f"{k} is {tuple(state[k].shape)}, the config's network needs {tuple(expected[k].shape)}"
     elif missing:
         example = f"{missing[0]} is missing"
     elif unexpected:
         example = f"{unexpected[0]} is not in the config's network"
-    if missing or unexpected or reshaped:
-        raise _fail(source, f"tensors do not match its config.json ({len(reshaped)} reshaped, {len(missing)} "
-                            f"missing, {len(unexpected)} unexpected; {example})")
+    else:
+        return None
+    return f"{len(reshaped)} reshaped, {len(missing)} missing, {len(unexpected)} unexpected; e.g. {example}"
+
+
+def check_tensors(network: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """S3DError naming `source` unless `state` holds exactly `network`'s tensors, in its shapes (the
+    network may live on the meta device), all finite."""
+    mismatch = tensor_mismatch(network.state_dict(), state)
+    if mismatch:
+        raise _fail(source, f"tensors do not match its config.json ({mismatch})")
     broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:
         raise _fail(source, f"{len(broken)} tensor(s) hold NaN or inf, e.g. {broken[0]} (a diverged or damaged "

@@ -335,8 +335,9 @@ def child_train(spec: dict) -> dict:
 
     from s3d.data.augment import Augmenter
     from s3d.data.loader import make_loader
+    from s3d.device import amp_dtype
     from s3d.nn.masking import default_block_size, parse_mask_ratio
-    from s3d.train.loop import TrainConfig, amp_dtype
+    from s3d.train.loop import TrainConfig
     from s3d.train.pretrain import MAEObjective, PretrainConfig, network_config
 
     device = torch.device(spec["device"])

@@ -38,9 +38,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
 
-    from s3d.nn.resenc import ResEncUNet
-
     from s3d.nn.masking import default_block_size
+    from s3d.nn.resenc import ResEncUNet
     from s3d.train.pretrain import MAEObjective, PretrainConfig, SimTROTObjective, network_config
 
     device = torch.device(args.device)

@@ -45,9 +45,9 @@ def load_predictor(model: str | Path, device: str = "auto", amp: str = "auto") -
     with AMX / AVX512-BF16, "bf16" runs the network ~2.5x faster (see benchmarks/README.md).
     """
     from s3d.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
+    from s3d.device import amp_dtype, resolve_device
     from s3d.model_check import check_config, check_tensors
     from s3d.nn.resenc import ResEncConfig, ResEncUNet
-    from s3d.train.loop import amp_dtype, resolve_device
 
     path = Path(model)
     if path.is_dir():

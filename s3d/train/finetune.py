@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 
 from s3d import __version__
 from s3d.checkpoint import save_model
+from s3d.device import resolve_device
 from s3d.env import rank, world_size
 from s3d.errors import S3DError
 from s3d.nn.losses import DeepSupervisionLoss, DiceCELoss
 from s3d.train.cache import default_cache_dir, preprocessed_folder  # noqa: F401 - default_cache_dir re-exported
-from s3d.train.loop import Phase, TrainConfig, check_lr, resolve_device, train
+from s3d.train.loop import Phase, TrainConfig, check_lr, train
 from s3d.train.run_folder import begin_run, run_lock, settings_from_saved, write_settings
 
 SETTINGS_FILE = "finetune.json"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,8 @@ from s3d.checkpoint import (
     load_training_state,
     save_training_state,
 )
-from s3d.env import env_int, world_size
+from s3d.device import amp_dtype, resolve_device
+from s3d.env import world_size
 from s3d.errors import S3DError
 from s3d.files import atomic_path
 
@@ -106,20 +106,6 @@ def check_lr(lr: float) -> None:
         raise S3DError(f"--lr {lr}: must be a positive number (nnU-Net 1e-2, S3D fine-tuning 1e-3)")
 
 
-def resolve_device(spec: str) -> torch.device:
-    """`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`; under torchrun, the local rank's GPU."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise S3DError(f"--device {spec}: no CUDA device is available (use --device cpu)")
-        if spec == "cuda" and "LOCAL_RANK" in os.environ:
-            spec = f"cuda:{env_int('LOCAL_RANK', 0)}"
-    elif spec != "cpu":
-        raise S3DError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
-    return torch.device(spec)
-
-
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the torchrun process group when launched by torchrun; (rank, world_size)."""
     if world_size() <= 1:
@@ -130,18 +116,6 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
-
-
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    if setting == "off" or (setting == "auto" and device.type != "cuda"):
-        return None
-    if setting == "fp16":
-        return torch.float16
-    if setting in ("bf16", "auto"):
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    raise S3DError(f"--amp {setting}: expected auto, off, bf16 or fp16")
 
 
 class _Logger:

@@ -308,7 +308,7 @@ def _pretrain(data: list[str | Path], output: Path, cfg: PretrainConfig, *, resu
     from s3d.data.augment import Augmenter
     from s3d.data.loader import default_workers, make_loader
     from s3d.data.sampling import PatchDataset
-    from s3d.train.loop import resolve_device
+    from s3d.device import resolve_device
 
     saved = begin_run(output, SETTINGS_FILE, resume)
     if saved is not None:

@@ -33,7 +33,7 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.safetensors"
 PREVIOUS_STATE_FILE = "state.prev.safetensors"
-STATE_JSON = "state.json"  # s3d <= 0.4 kept the metadata beside the tensors; still read
+STATE_JSON = "state.json"  # earlier s3d builds kept the metadata beside the tensors; still read
 STATE_FORMAT = "s3d-training-state"
 STATE_VERSION = "2"
 
@@ -223,7 +223,7 @@ def _read_meta(path: Path) -> dict:
             raise S3DError(f"{legacy}: not an s3d training state (needs step and optimizer)")
         if metadata.get("step") != str(meta["step"]):
             raise S3DError(f"{path.parent}: {path.name} and {STATE_JSON} disagree on the step (interrupted save "
-                           "by s3d <= 0.4)")
+                           "by an earlier s3d build)")
     return meta
 
 

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "predict": ("s3d.cli.predict", "predict", "Segment a folder of images with a trained model."),
     "evaluate": ("s3d.cli.evaluate", "evaluate", "Dice, NSD and HD95 of predictions against references."),
     "weights": ("s3d.cli.weights", "weights", "List, inspect, download and export pre-trained weights."),
-    "demo": ("s3d.cli.demo", "demo", "Run the whole pipeline on a small synthetic phantom (minutes, CPU)."),
+    "demo": ("s3d.cli.demo", "demo", "Fine-tune and score on real MRIs shipped with s3d (minutes, CPU)."),
 }
 
 

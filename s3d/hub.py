@@ -9,6 +9,11 @@ checkpoints are PyTorch pickles (nnssl's `checkpoint_final.pth`); those are open
 `torch.load(weights_only=True)` (never `weights_only=False`), converted to `model.safetensors` +
 `config.json` in a conversion cache next to the Hugging Face cache, and read from there afterwards.
 
+Aliases: a registry entry may record other Hub ids of the same weights (the OpenMind checkpoints were first
+published as AnonRes/ResEncL-OpenMind-*); when the Hub says the registry id does not exist, or offline the cache
+lacks it, each alias is tried in turn and the one that answered is recorded in the converted config
+(`source.repo_id`, with `source.registry_repo_id` and `source.alias`).
+
 Revision pinning: registry entries say `revision="main"` until the publishers tag releases. For a
 reproducible run, resolve `owner/name@<full commit sha>` (the sha of a download is printed by
 `s3d weights download` and recorded in the converted config under `source.revision`).
@@ -21,7 +26,8 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+import textwrap
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,48 +79,124 @@ CITATION_OPENMIND = """@article{wald2024openmind,
 }"""
 
 
+CITATION_MISSING_PIECE = """@inproceedings{eckstein2025missing,
+  title     = {The Missing Piece: A Case for Pre-Training in 3D Medical Object Detection},
+  author    = {Eckstein, Katharina and Ulrich, Constantin and Baumgartner, Michael and K{\\"a}chele, Jessica and
+               Bounias, Dimitrios and Wald, Tassilo and Floca, Ralf and Maier-Hein, Klaus H.},
+  booktitle = {Medical Image Computing and Computer Assisted Intervention -- MICCAI 2025},
+  series    = {LNCS},
+  volume    = {15963},
+  year      = {2025},
+  doi       = {10.1007/978-3-032-04965-0_58},
+  note      = {arXiv:2509.15947}
+}"""
+# Only the arXiv id was seen (the model card's tags); the title was not, so no BibTeX is made up for it.
+CITATION_NNFOUNDATION = "nnFoundation (MIC-DKFZ), arXiv:2609.26924: see the model card for the full reference."
+
+DEFAULT_LICENSE = "cc-by-4.0"
+# A licence that asks more than attribution is flagged by `s3d weights list/info`: users fine-tune these weights
+# and publish the results, and a ShareAlike licence then binds what they publish.
+LICENSE_NOTES = {
+    "cc-by-sa-4.0": "ShareAlike: a model fine-tuned from these weights is an adaptation and must be shared under "
+                    "CC BY-SA 4.0 (or a compatible licence), with attribution",
+}
+PLAN_PATCH = "from the plan (recommended_downstream_patchsize, known after download)"
+PLAN_SPACING = "from the plan (known after download)"
+SEEN = "seen in stored public pages, to be checked when the Hub is reachable"
+
+
 @dataclass(frozen=True)
 class WeightsEntry:
-    """One named set of pre-trained weights on the Hugging Face Hub."""
+    """One named set of pre-trained weights on the Hugging Face Hub.
+
+    spacing / normalization / patch_size are fallbacks: the checkpoint's own adaptation plan wins when it has
+    them. `patch_size=None` means the plan's `recommended_downstream_patchsize`, unknown until download.
+    """
 
     name: str
     repo_id: str
     revision: str  # tag, branch or full commit sha; "main" until the publisher tags a release
-    files: tuple[str, ...]  # files[0] holds the tensors
+    files: tuple[str, ...]  # files[0] holds the tensors (a path inside the repo); files[1] the plan, if any
     format: str  # "nnssl-pth" | "s3d-safetensors"
     method: str
     arch: str | None = "resenc-l"  # ResEncConfig preset the tensors must match (None: take them as they are)
     in_channels: int = 1
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # mm, s3d (i, j, k) order
+    spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0)  # mm, s3d (i, j, k) order; None: from the plan
     normalization: str = "zscore"
-    patch_size: tuple[int, int, int] = (160, 160, 160)
-    license: str = "cc-by-4.0"
+    patch_size: tuple[int, int, int] | None = None
+    license: str = DEFAULT_LICENSE
     citation: str = ""
     sha256: str | None = None  # of files[0]; checked when set
     description: str = ""
     pretraining_data: str = ""
+    aliases: tuple[str, ...] = ()  # other Hub ids of these weights, tried in order when repo_id does not exist
+    data_summary: str = ""  # a few words for the `s3d weights list` table
+    sources: tuple[str, ...] = ()  # where the facts of this entry come from, and what is unconfirmed
+
+    def license_label(self) -> str:
+        """The licence id, marked "(!)" when it asks more than cc-by-4.0 does."""
+        return self.license if self.license == DEFAULT_LICENSE else f"{self.license} (!)"
+
+    def license_note(self) -> str | None:
+        if self.license == DEFAULT_LICENSE:
+            return None
+        return f"{self.license}: " + LICENSE_NOTES.get(
+            self.license, f"not {DEFAULT_LICENSE}: read the licence on the model card before use")
+
+    def patch_text(self) -> str:
+        return " x ".join(str(p) for p in self.patch_size) if self.patch_size else PLAN_PATCH
 
     def card(self) -> str:
         """Model-card text shown by `s3d weights info`."""
+        spacing = f"{' x '.join(f'{s:g}' for s in self.spacing)} mm" if self.spacing else PLAN_SPACING
         lines = [
             f"{self.name}: {self.description}",
             f"  Hub:           https://huggingface.co/{self.repo_id} (revision {self.revision})",
+        ]
+        if self.aliases:
+            lines.append(f"  also as:       {', '.join(self.aliases)} (tried when the Hub says {self.repo_id} "
+                         "does not exist)")
+        lines += [
             f"  files:         {', '.join(self.files)} ({self.format})",
             f"  method:        {self.method}",
-            f"  architecture:  {self.arch or 'as stored'}, {self.in_channels} input channel(s)",
-            f"  preprocessing: spacing {' x '.join(f'{s:g}' for s in self.spacing)} mm, "
-            f"{self.normalization} normalisation, patch {' x '.join(str(p) for p in self.patch_size)}",
+            f"  architecture:  {self.arch or 'as stored (read off the tensor shapes)'}, "
+            f"{self.in_channels} input channel(s)",
+            f"  preprocessing: spacing {spacing}, {self.normalization} normalisation unless the plan says otherwise",
+            f"  patch:         {self.patch_text()}",
             f"  data:          {self.pretraining_data or 'unknown'}",
-            f"  licence:       {self.license}",
+            f"  licence:       {self.license_label()}",
         ]
+        note = self.license_note()
+        if note:
+            lines.append(f"  (!) {note}")
         if self.sha256:
             lines.append(f"  sha256:        {self.sha256}")
+        if self.sources:
+            lines += ["  sources:", *(textwrap.fill(s, 118, initial_indent="    - ", subsequent_indent="      ")
+                                      for s in self.sources)]
         if self.citation:
             lines += ["  citation:", *("    " + c for c in self.citation.splitlines())]
         return "\n".join(lines)
 
 
-def _openmind(method_id: str, method: str, description: str, extra_citation: str = "") -> WeightsEntry:
+_OPENMIND_DATA = "OpenMind: public 3D brain MRI from OpenNeuro (114,570 volumes), 1 mm isotropic, z-score"
+# Facts common to the OpenMind ResEnc-L repos (Wald et al., arXiv 2412.17041). The collection
+# https://huggingface.co/collections/MIC-DKFZ/openmind-models-6819c21c7fe6f0aaaab7dadf is linked from the readme
+# of MIC-DKFZ/nnssl; its guide is documentation/Getting_started_OpenMind.md (nnssl commit 70448644).
+_OPENMIND_SOURCES = (
+    f"licence cc-by-4.0, dataset AnonRes/OpenMind, nnssl as pre-training code: model-card front matter ({SEEN})",
+    "files checkpoint_final.pth, adaptation_plan.json, a dummy config.json, README.md: issue 14 and the Hub file "
+    f"views ({SEEN})",
+    "checkpoint dict (network_weights, nnssl_adaptation_plan, init_args, trainer_name, optimizer_state, "
+    "grad_scaler_state, logging, current_epoch): nnssl AbstractTrainer.save_checkpoint (commit 70448644)",
+    "plan: arch_class_name ResEncL, configuration onemmiso, spacing [1, 1, 1], ZScoreNormalization: "
+    f"adaptation_plan.json of AnonRes/ResEncL-OpenMind-SimCLR ({SEEN}); the patch is read from each plan",
+    "volume count: ssl3d-challenge.dkfz.de",
+)
+
+
+def _openmind(method_id: str, method: str, description: str, seen: str, extra_citation: str = "",
+              extra_sources: tuple[str, ...] = ()) -> WeightsEntry:
     return WeightsEntry(
         name=f"openmind-resencl-{method_id.lower()}",
         repo_id=f"MIC-DKFZ/ResEncL-OpenMind-{method_id}",
@@ -123,39 +205,177 @@ def _openmind(method_id: str, method: str, description: str, extra_citation: str
         format="nnssl-pth",
         method=method,
         arch="resenc-l",
-        license="cc-by-4.0",
+        license=DEFAULT_LICENSE,
         citation=CITATION_OPENMIND + ("\n" + extra_citation if extra_citation else ""),
         description=description,
-        pretraining_data="OpenMind dataset (public 3D brain MRI collected from OpenNeuro), 1 mm isotropic, z-score",
+        pretraining_data=_OPENMIND_DATA,
+        aliases=(f"AnonRes/ResEncL-OpenMind-{method_id}",),
+        data_summary="OpenMind (brain MRI)",
+        sources=(seen, *extra_sources, *_OPENMIND_SOURCES),
     )
 
 
-# The OpenMind benchmark's ResEnc-L checkpoints (Wald et al., arXiv 2412.17041), collection
-# https://huggingface.co/collections/MIC-DKFZ/openmind-models-6819c21c7fe6f0aaaab7dadf (linked from
-# MIC-DKFZ/nnssl documentation/openmind.md). Facts used here, from the model cards and published files:
-# - repos first published as AnonRes/ResEncL-OpenMind-<METHOD>, now MIC-DKFZ/... (the Hub redirects the
-#   old ids); seen: MAE, S3D, VoCo, SimCLR, VF, SwinUNETR. No ResEnc-L Models Genesis repo was found.
-# - files: checkpoint_final.pth (nnssl: {"network_weights", "nnssl_adaptation_plan", ...}; re-saved by
-#   the authors "to allow weights_only=True loading"), adaptation_plan.json, a dummy config.json, README.md.
-# - licence cc-by-4.0 (model card front matter).
-# - adaptation_plan.json: architecture_plans.arch_class_name "ResEncL"; pretrain_plan.configurations
-#   .onemmiso: spacing [1, 1, 1], normalization_schemes ["ZScoreNormalization"], use_mask_for_norm [false];
-#   pretrain_num_input_channels 1; recommended_downstream_patchsize; key_to_encoder "encoder.stages",
-#   key_to_stem "encoder.stem", keys_to_in_proj ["encoder.stem.convs.0.conv", "...all_modules.0"].
+_MISSING_PIECE_DATA = ("CT-RATE (chest CT; the dataset itself is cc-by-nc-sa-4.0) + ABCD Study (brain MRI). "
+                       "Normalisation: the plan's; nnssl has no CT scheme, so per-image z-score is expected")
+# "The Missing Piece" (Eckstein et al., MICCAI 2025) ResEnc-L backbones. What was seen: the model card of
+# MIC-DKFZ/ResEncL-MissingPiece-S3D (family table: MAE, MG, S3D, VoCo, MultiTalent; "pre-trained ... on CT-RATE +
+# ABCD Study"), the Hub page of ResEncL-MissingPiece-MAE (licence cc-by-4.0, dataset tag ibrahimhamamci/CT-RATE)
+# and the MIC-DKFZ organisation page listing all five. Normalisation: nnssl (commit 70448644) defines only
+# ZScoreNormalization, NoNormalization, RescaleTo01 and RGBTo01 (preprocessing/normalization/
+# normalization_schemes.py) and its planner always writes ZScoreNormalization, so these CT weights most likely
+# saw per-image z-score, not nnU-Net's CTNormalization; s3d takes whatever each checkpoint's plan says.
+_MISSING_PIECE_SOURCES = (
+    f"repo ids, methods, CT-RATE + ABCD: model card of MIC-DKFZ/ResEncL-MissingPiece-S3D ({SEEN})",
+    f"licence cc-by-4.0: Hub page of ResEncL-MissingPiece-MAE ({SEEN}); the other four not seen, assumed the same",
+    "files checkpoint_final.pth + adaptation_plan.json: NOT confirmed (the nnssl layout of the OpenMind repos is "
+    "assumed); a different layout fails with 'has no file'",
+    "normalisation: nnssl code has no CT scheme (commit 70448644); the checkpoint plan itself was not seen",
+    "CT-RATE licence cc-by-nc-sa-4.0: Hub page of the ibrahimhamamci/CT-RATE dataset",
+)
+
+
+def _missing_piece(method_id: str, method: str, description: str, data: str = _MISSING_PIECE_DATA,
+                   summary: str = "CT-RATE CT + ABCD MRI", extra_sources: tuple[str, ...] = ()
+                   ) -> WeightsEntry:
+    return WeightsEntry(
+        name=f"missingpiece-resencl-{method_id.lower()}",
+        repo_id=f"MIC-DKFZ/ResEncL-MissingPiece-{method_id}",
+        revision="main",
+        files=(NNSSL_FILE, "adaptation_plan.json"),
+        format="nnssl-pth",
+        method=method,
+        arch="resenc-l",
+        spacing=None,
+        license=DEFAULT_LICENSE,
+        citation=CITATION_MISSING_PIECE,
+        description=description,
+        pretraining_data=data,
+        data_summary=summary,
+        sources=(*extra_sources, *_MISSING_PIECE_SOURCES),
+    )
+
+
+SSL3D_REPO = "MIC-DKFZ/SSL3D-checkpoints"
+_TEAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def ssl3d_team_entry(team: str, method: str, description: str = "", extra_sources: tuple[str, ...] = ()
+                     ) -> WeightsEntry:
+    """Registry entry for one team's ResEnc-L checkpoint in MIC-DKFZ/SSL3D-checkpoints.
+
+    The repo holds `<track>/<team>/<team>_<model>.pth`; this names `ResEnc-L/<team>/<team>_ResEncL.pth`. Teams not
+    in the registry can be added with `register(ssl3d_team_entry("Team", "method"))`.
+    """
+    if not _TEAM_RE.match(team) or ".." in team:
+        raise S3DError(f"SSL3D team {team!r}: not a folder name of letters, digits, '_', '-', '.'")
+    return WeightsEntry(
+        name=f"ssl3d-resencl-{team.lower().replace('_', '-')}",
+        repo_id=SSL3D_REPO,
+        revision="main",
+        files=(f"ResEnc-L/{team}/{team}_ResEncL.pth",),
+        format="nnssl-pth",
+        method=method,
+        arch="resenc-l",
+        # The challenge fixed 160^3 for every downstream task (nnssl documentation/Getting_started_OpenMind.md);
+        # a plan inside the checkpoint still wins.
+        patch_size=(160, 160, 160),
+        license=DEFAULT_LICENSE,
+        citation=CITATION_OPENMIND,
+        description=description or f"SSL3D challenge 2025 submission of team {team}: ResEnc-L, {method}.",
+        pretraining_data="OpenMind (brain MRI), the challenge's only pre-training data",
+        data_summary="OpenMind (brain MRI)",
+        sources=(
+            *extra_sources,
+            f"layout <track>/<team>/<team>_<model>.pth, licence cc-by-4.0, OpenMind data, team and method: model "
+            f"card of {SSL3D_REPO} ({SEEN})",
+            "checkpoint dict: NOT confirmed; the challenge asked for nnssl's save_checkpoint layout "
+            "(network_weights + nnssl_adaptation_plan, nnssl Getting_started_OpenMind.md) and the card says "
+            "'encoder checkpoints', so the decoder may be missing (s3d then transfers the encoder only)",
+            "patch 160^3: the challenge's fixed downstream patch (nnssl Getting_started_OpenMind.md)",
+        ),
+    )
+
+
+# Teams whose files were seen in the SSL3D-checkpoints card. The card's table was cut off in the stored copy after
+# a fourth ResEnc-L team whose name begins "Isik"; that team and the rest are not registered here (names unknown).
+_SSL3D_TEAMS = (
+    ("Datamen", "VoxCon", "code: github pwesp/voxcon; submitted as Datamen_resencl_weights_2025-08-23-02-18.pth"),
+    ("DKFZ_MAE", "MAE (organisers' baseline, nnssl BaseMAE)",
+     "submitted as DKFZ_MAE_DKFZ_BaseMAEResEncL_Openmind_checkpoint_final_2025-09-08-16-33.pth"),
+    ("HiLab", "Vox-MSD (voxel-wise multi-scale self-distillation)",
+     "paper: Zhou et al. 2025, IEEE J. Biomed. Health Inform. (Vox-MMSD); submitted as "
+     "HiLab_Test_submission_ResEncL_2025-08-14-09-23.pth"),
+)
+
 REGISTRY: dict[str, WeightsEntry] = {
     e.name: e
     for e in (
         _openmind("MAE", "MAE (dense masked autoencoder)",
-                  "ResEnc-L pre-trained with a dense MAE (the nnssl BaseMAE trainer) on OpenMind."),
+                  "ResEnc-L pre-trained with a dense MAE (the nnssl BaseMAE trainer) on OpenMind.",
+                  f"ids: MIC-DKFZ/ResEncL-OpenMind-MAE (its model card) and AnonRes/ResEncL-OpenMind-MAE (README "
+                  f"at commit c225c00) both {SEEN}"),
         _openmind("S3D", "S3D / Spark3D (sparse masked autoencoder)",
                   "ResEnc-L pre-trained with S3D, the sparse-convolution MAE of Wald et al. 2024, on OpenMind.",
+                  "ids: seen only as AnonRes/ResEncL-OpenMind-S3D (issue 14); the MIC-DKFZ id is NOT confirmed",
                   CITATION_S3D),
         _openmind("VoCo", "VoCo (volume contrast)",
-                  "ResEnc-L encoder pre-trained with Volume Contrast (VoCo) on OpenMind (encoder tensors only)."),
-        _openmind("SimCLR", "SimCLR (contrastive)", "ResEnc-L pre-trained with SimCLR on OpenMind."),
-        _openmind("VF", "VolumeFusion", "ResEnc-L pre-trained with VolumeFusion (VF) on OpenMind."),
+                  "ResEnc-L encoder pre-trained with Volume Contrast (VoCo) on OpenMind (encoder tensors only).",
+                  f"ids: MIC-DKFZ/ResEncL-OpenMind-VoCo on the MIC-DKFZ organisation page ({SEEN}); "
+                  "AnonRes/ResEncL-OpenMind-VoCo redirects to it (issue 14)"),
+        _openmind("SimCLR", "SimCLR (contrastive)", "ResEnc-L pre-trained with SimCLR on OpenMind.",
+                  f"ids: seen as AnonRes/ResEncL-OpenMind-SimCLR ({SEEN}); the MIC-DKFZ id is NOT confirmed",
+                  extra_sources=("pre-training patch 192 x 192 x 64 (configurations.onemmiso.patch_size of its "
+                                 "adaptation_plan.json), so no OpenMind patch is assumed",)),
+        _openmind("VF", "VolumeFusion", "ResEnc-L pre-trained with VolumeFusion (VF) on OpenMind.",
+                  f"ids: seen as AnonRes/ResEncL-OpenMind-VF (README at 86d1d46, {SEEN}); the MIC-DKFZ id is NOT "
+                  "confirmed"),
         _openmind("SwinUNETR", "SwinUNETR pre-training (inpainting, rotation, contrast)",
-                  "ResEnc-L pre-trained with the SwinUNETR pretext tasks on OpenMind."),
+                  "ResEnc-L pre-trained with the SwinUNETR pretext tasks on OpenMind.",
+                  f"ids: seen as AnonRes/ResEncL-OpenMind-SwinUNETR (discussion #1, {SEEN}); the MIC-DKFZ id is NOT "
+                  "confirmed"),
+        WeightsEntry(
+            name="nnfoundation-cnn",
+            repo_id="MIC-DKFZ/nnFoundationCNN",
+            revision="main",
+            files=(NNSSL_FILE, "adaptation_plan.json"),
+            format="nnssl-pth",
+            method="MAE (nnssl; nnFoundation)",
+            # Conflicting hints on the topology (see sources), so the tensors decide rather than the ResEnc-L preset.
+            arch=None,
+            spacing=None,
+            license="cc-by-sa-4.0",
+            citation=CITATION_NNFOUNDATION,
+            description="nnFoundation CNN: a Residual Encoder U-Net foundation model pre-trained with nnssl.",
+            pretraining_data="not confirmed: a third-party note says 2.1M CT/MRI/PET volumes, no fixed spacing, "
+                             "z-score; check the model card",
+            data_summary="CT/MRI/PET? unconfirmed",
+            sources=(
+                f"licence cc-by-sa-4.0, tags nnssl / arXiv 2609.26924, files checkpoint_final.pth (410 MB), "
+                f"adaptation_plan.json, config.json (69 B), README.md, a banner image, commit 8edba04: Hub file "
+                f"view of MIC-DKFZ/nnFoundationCNN ({SEEN})",
+                "topology: issue 14 says ResEnc-L and 410 MB of fp32 fits ResEnc-L's ~102M parameters, but a "
+                "public nnssl trainer named nnFoundationCNN_trainer builds features 64..640, blocks 2,5,6,10,10,12 "
+                "with a 192^3 recommended patch: NOT resolved, so the network is read off the tensors",
+                "pre-training data and normalisation: NOT confirmed (the model card text was not seen)",
+            ),
+        ),
+        _missing_piece("MAE", "MAE (dense masked autoencoder)",
+                       "ResEnc-L pre-trained with a dense MAE on CT-RATE + ABCD (The Missing Piece, MICCAI 2025)."),
+        _missing_piece("MG", "Models Genesis (restoration of transformed volumes)",
+                       "ResEnc-L pre-trained with Models Genesis on CT-RATE + ABCD (The Missing Piece, MICCAI 2025)."),
+        _missing_piece("S3D", "S3D / Spark3D (sparse masked autoencoder)",
+                       "ResEnc-L pre-trained with S3D on CT-RATE + ABCD (The Missing Piece, MICCAI 2025)."),
+        _missing_piece("VoCo", "VoCo (volume contrast)",
+                       "ResEnc-L pre-trained with VoCo on CT-RATE + ABCD (The Missing Piece, MICCAI 2025)."),
+        _missing_piece(
+            "MultiTalent", "MultiTalent (supervised multi-dataset segmentation)",
+            "ResEnc-L pre-trained with MultiTalent, a supervised method (The Missing Piece, MICCAI 2025).",
+            data="not confirmed: the card of its sibling RetinaUNet-MissingPiece-MultiTalent says 65 public "
+                 "segmentation datasets of mixed modalities (issue 14 says CT-RATE + ABCD for the whole family)",
+            summary="65 seg. sets? unconfirmed",
+            extra_sources=("MultiTalent is supervised, so CT-RATE + ABCD (unlabelled) is unlikely to be its data: "
+                           "NOT confirmed",)),
+        *(ssl3d_team_entry(team, method, extra_sources=(note,)) for team, method, note in _SSL3D_TEAMS),
     )
 }
 
@@ -308,13 +528,15 @@ def _to_s3d_axes(values: Any, plan: Mapping) -> list | None:
     return values[::-1]
 
 
-def convert_nnssl_checkpoint(ckpt: Mapping, entry: WeightsEntry | None = None, source: dict | None = None
-                             ) -> tuple[dict[str, torch.Tensor], dict]:
+def convert_nnssl_checkpoint(ckpt: Mapping, entry: WeightsEntry | None = None, source: dict | None = None,
+                             plan_fallback: Mapping | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """nnssl `checkpoint_final.pth` content -> (s3d state dict, s3d config dict).
 
     Keeps `encoder.*` and `decoder.*` tensors under their DNA names minus the duplicates; everything else
     (projection heads of contrastive methods, optimiser leftovers) is dropped and counted in the config.
-    Spacing / normalisation / patch come from `nnssl_adaptation_plan`, falling back to the registry entry.
+    Spacing / normalisation / patch come from `nnssl_adaptation_plan` (else `plan_fallback`, the repo's
+    adaptation_plan.json), falling back to the registry entry; the patch is the plan's
+    `recommended_downstream_patchsize`, else the configuration's pre-training patch.
     """
     from s3d import __version__
 
@@ -327,8 +549,15 @@ def convert_nnssl_checkpoint(ckpt: Mapping, entry: WeightsEntry | None = None, s
     kept = drop_dna_duplicates({k: v for k, v in raw.items() if k.startswith(("encoder.", "decoder."))})
     dropped = sorted(k for k in raw if not k.startswith(("encoder.", "decoder.")))
     plan = ckpt.get("nnssl_adaptation_plan") or {}
+    plan_from = "checkpoint" if plan else None
+    if not plan and plan_fallback:
+        plan, plan_from = plan_fallback, "adaptation_plan.json"
+    if not isinstance(plan, Mapping):
+        raise S3DError(f"nnssl checkpoint: the adaptation plan is a {type(plan).__name__}, not an object")
     arch_name = (plan.get("architecture_plans") or {}).get("arch_class_name")
-    if arch_name is not None and "resenc" not in str(arch_name).lower():
+    # nnssl names its ResEnc-L preset "ResEncL" and the generic dynamic one "ResidualEncoderUNet" (adaptation_plan.py
+    # ARCHITECTURE_PRESETS, commit 70448644); the nnFoundationCNN trainer uses the latter.
+    if arch_name is not None and not any(a in str(arch_name).lower() for a in ("resenc", "residualencoderunet")):
         raise S3DError(f"nnssl checkpoint holds a {arch_name} network; s3d builds Residual Encoder U-Nets only")
     network = infer_network_config(kept)
     if entry is not None and entry.arch is not None:
@@ -345,14 +574,14 @@ def convert_nnssl_checkpoint(ckpt: Mapping, entry: WeightsEntry | None = None, s
 
     conf = _plan_configuration(plan)
     spacing = conf.get("spacing") or (plan.get("pretrain_plan") or {}).get("original_median_spacing_after_transp")
-    spacing = _to_s3d_axes(spacing, plan) or (list(entry.spacing) if entry else None)
+    spacing = _to_s3d_axes(spacing, plan) or (list(entry.spacing) if entry and entry.spacing else None)
     schemes = conf.get("normalization_schemes")
     if schemes:
         normalization = [_NORM_NAMES.get(s, s) for s in schemes]
     else:
         normalization = [entry.normalization] * network.get("in_channels", 1) if entry else ["zscore"]
     patch = _to_s3d_axes(plan.get("recommended_downstream_patchsize") or conf.get("patch_size"), plan)
-    patch = patch or (list(entry.patch_size) if entry else None)
+    patch = patch or (list(entry.patch_size) if entry and entry.patch_size else None)
 
     config = {
         "s3d_version": __version__,
@@ -363,7 +592,7 @@ def convert_nnssl_checkpoint(ckpt: Mapping, entry: WeightsEntry | None = None, s
                  "normalization": normalization},
         "patch_size": [int(p) for p in patch] if patch else None,
         "license": entry.license if entry else None,
-        "source": {"format": "nnssl-pth", **(source or {}), "dropped_keys": len(dropped)},
+        "source": {"format": "nnssl-pth", **(source or {}), "dropped_keys": len(dropped), "plan_from": plan_from},
         "nnssl_adaptation_plan": _jsonable(plan),
         "citations": _jsonable(ckpt.get("citations")),
     }
@@ -404,9 +633,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _from_pickle(obj: Any, path: Path, entry: WeightsEntry | None, source: dict) -> tuple[dict, dict]:
+def _from_pickle(obj: Any, path: Path, entry: WeightsEntry | None, source: dict,
+                 plan_loader: Callable[[], Mapping | None] | None = None) -> tuple[dict, dict]:
     if isinstance(obj, Mapping) and "network_weights" in obj:
-        return convert_nnssl_checkpoint(obj, entry, source)
+        fallback = plan_loader() if plan_loader is not None and not obj.get("nnssl_adaptation_plan") else None
+        return convert_nnssl_checkpoint(obj, entry, source, fallback)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -446,6 +677,17 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:300]
 
 
+class _RepoUnavailable(S3DError):
+    """The Hub says the repo does not exist, or (offline / unreachable) the cache does not hold it: the cue to try
+    a registry entry's alias."""
+
+
+def _repo_in_cache(cache: Path, repo_id: str) -> bool:
+    from huggingface_hub.file_download import repo_folder_name
+
+    return (cache / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots").is_dir()
+
+
 def _hub_file(repo_id: str, filename: str, revision: str | None, cache: Path, local_only: bool, label: str,
               env_offline: bool, missing_ok: bool = False) -> Path | None:
     """hf_hub_download with the Hub's errors turned into one-line S3DErrors saying what to do."""
@@ -469,7 +711,7 @@ def _hub_file(repo_id: str, filename: str, revision: str | None, cache: Path, lo
         raise S3DError(f"weights '{label}': Hub repo {repo_id} is gated: accept its conditions at "
                        f"https://huggingface.co/{repo_id} and log in with `hf auth login` (or set HF_TOKEN)") from None
     except RepositoryNotFoundError:
-        raise S3DError(f"weights '{label}': Hub repo {repo_id} not found (or private: log in with "
+        raise _RepoUnavailable(f"weights '{label}': Hub repo {repo_id} not found (or private: log in with "
                        "`hf auth login`); check the name with `s3d weights list`") from None
     except RevisionNotFoundError:
         raise S3DError(f"weights '{label}': revision '{rev}' not found in Hub repo {repo_id}: use an existing "
@@ -477,15 +719,20 @@ def _hub_file(repo_id: str, filename: str, revision: str | None, cache: Path, lo
     except LocalEntryNotFoundError:
         if missing_ok and local_only:
             return None
+        # A repo the cache holds but without this file is reported as it is; only a repo it lacks altogether is the
+        # "does not exist here" that lets an alias answer.
+        unavailable = S3DError if _repo_in_cache(cache, repo_id) else _RepoUnavailable
         if env_offline:
-            raise S3DError(f"weights '{label}' are not in the cache at {cache} and HF_HUB_OFFLINE is set: run "
-                           f"`s3d weights download {label}` on a machine with internet and copy the cache") from None
+            raise unavailable(
+                f"weights '{label}' are not in the cache at {cache} and HF_HUB_OFFLINE is set: run "
+                f"`s3d weights download {label}` on a machine with internet and copy the cache") from None
         if local_only:
-            raise S3DError(f"weights '{label}' are not in the cache at {cache} and only local files were "
-                           f"allowed: run `s3d weights download {label}` first") from None
-        raise S3DError(f"weights '{label}': cannot reach the Hub and {repo_id}/{filename} is not in the cache at "
-                       f"{cache}: check the connection, or run `s3d weights download {label}` where there is "
-                       "internet and copy the cache") from None
+            raise unavailable(f"weights '{label}' are not in the cache at {cache} and only local files were "
+                              f"allowed: run `s3d weights download {label}` first") from None
+        raise unavailable(
+            f"weights '{label}': cannot reach the Hub and {repo_id}/{filename} is not in the cache at "
+            f"{cache}: check the connection, or run `s3d weights download {label}` where there is "
+            "internet and copy the cache") from None
     except EntryNotFoundError:
         if missing_ok:
             return None
@@ -497,27 +744,42 @@ def _hub_file(repo_id: str, filename: str, revision: str | None, cache: Path, lo
 
 
 def _snapshot_sha(path: Path) -> str:
-    # hf_hub_download returns <cache>/models--owner--name/snapshots/<commit sha>/<file>
-    sha = path.parent.name
-    return sha if re.fullmatch(r"[0-9a-f]{40}", sha) else hashlib.sha256(str(path.resolve()).encode()).hexdigest()
+    # hf_hub_download returns <cache>/models--owner--name/snapshots/<commit sha>/<path in the repo>, and that path
+    # can have folders (SSL3D-checkpoints: ResEnc-L/<team>/<team>_ResEncL.pth)
+    for folder in path.parents:
+        if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name):
+            return folder.name
+    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()
 
 
-def _load_or_convert(pth: Path, repo_id: str, entry: WeightsEntry | None, cache: Path, label: str
-                     ) -> ResolvedWeights:
-    """A Hub nnssl pickle: convert once into <cache>/s3d-converted/<owner>--<name>--<sha>/, then reuse."""
+def _converted_name(repo_id: str, sha: str, filename: str) -> str:
+    name = f"{repo_id.replace('/', '--')}--{sha}"
+    if filename != NNSSL_FILE:  # one repo, several checkpoints (one per SSL3D team): one folder each
+        name += "--" + re.sub(r"[^A-Za-z0-9_.-]+", "-", filename.rsplit(".", 1)[0]).strip("-.")
+    return name
+
+
+def _load_or_convert(pth: Path, repo_id: str, entry: WeightsEntry | None, cache: Path, label: str,
+                     filename: str | None = None, plan_loader: Callable[[], Mapping | None] | None = None,
+                     origin: dict | None = None) -> ResolvedWeights:
+    """A Hub nnssl pickle: convert once into <cache>/s3d-converted/<owner>--<name>--<sha>[--<file>]/, then reuse.
+
+    `origin` (which registry id / alias answered) goes into the converted config's `source`.
+    """
     from s3d.checkpoint import read_json, save_model
 
+    filename = filename or pth.name
     sha = _snapshot_sha(pth)
-    target = cache / CONVERTED_DIR / f"{repo_id.replace('/', '--')}--{sha}"
-    desc = f"{label} ({repo_id}@{sha[:12]}, converted from {pth.name})"
+    target = cache / CONVERTED_DIR / _converted_name(repo_id, sha, filename)
+    desc = f"{label} ({repo_id}@{sha[:12]}, converted from {filename})"
     if (target / CONFIG_FILE).exists() and (target / MODEL_FILE).exists():
         return ResolvedWeights(config=read_json(target / CONFIG_FILE), source=desc, path=target / MODEL_FILE)
     digest = _sha256(pth)
     if entry is not None and entry.sha256 and digest != entry.sha256.lower():
         raise S3DError(f"weights '{label}': {pth} has sha256 {digest}, the registry expects {entry.sha256}; "
                        "delete it from the cache and download again")
-    source = {"repo_id": repo_id, "revision": sha, "filename": pth.name, "sha256": digest}
-    sd, config = _from_pickle(load_pickle_weights_only(pth), pth, entry, source)
+    source = {"repo_id": repo_id, "revision": sha, "filename": filename, "sha256": digest, **(origin or {})}
+    sd, config = _from_pickle(load_pickle_weights_only(pth), pth, entry, source, plan_loader)
     # Written in a private folder and renamed, so a concurrent or killed conversion never leaves a half one.
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -550,16 +812,46 @@ def check_hub_names(repo_id: str, revision: str | None, label: str) -> None:
 
 def _resolve_hub(repo_id: str, revision: str | None, entry: WeightsEntry | None, label: str,
                  cache: Path, local_only: bool, env_offline: bool) -> ResolvedWeights:
-    from s3d.checkpoint import read_json
+    """The registry id first, then each recorded alias, but only while the Hub says the repo does not exist (or,
+    offline, the cache lacks it): a repo that exists and fails otherwise is reported as it is."""
+    candidates = (repo_id, *(entry.aliases if entry and repo_id == entry.repo_id else ()))
+    for rid in candidates:
+        check_hub_names(rid, revision, label)
+    first: _RepoUnavailable | None = None
+    for rid in candidates:
+        origin = {"registry_repo_id": repo_id, "alias": rid != repo_id} if entry else None
+        try:
+            return _resolve_hub_repo(rid, revision, entry, label, cache, local_only, env_offline, origin)
+        except _RepoUnavailable as e:
+            first = first or e
+    if len(candidates) > 1:
+        raise S3DError(f"{first} (tried {', '.join(candidates)})") from None
+    raise first
 
-    check_hub_names(repo_id, revision, label)
+
+def _resolve_hub_repo(repo_id: str, revision: str | None, entry: WeightsEntry | None, label: str, cache: Path,
+                      local_only: bool, env_offline: bool, origin: dict | None) -> ResolvedWeights:
+    from s3d.checkpoint import read_json
 
     def fetch(name: str, missing_ok: bool = False) -> Path | None:
         return _hub_file(repo_id, name, revision, cache, local_only, label, env_offline, missing_ok)
 
     fmt = entry.format if entry else None
     if fmt == "nnssl-pth":
-        return _load_or_convert(fetch(entry.files[0]), repo_id, entry, cache, label)
+        pth = fetch(entry.files[0])
+
+        def plan_loader() -> Mapping | None:
+            # Only when the checkpoint carries no plan; a failure here must not look like a missing repo.
+            if len(entry.files) < 2 or not entry.files[1].endswith(".json"):
+                return None
+            try:
+                path = fetch(entry.files[1], missing_ok=True)
+                plan = read_json(path) if path is not None else None
+            except S3DError:
+                return None
+            return plan if isinstance(plan, Mapping) else None
+
+        return _load_or_convert(pth, repo_id, entry, cache, label, entry.files[0], plan_loader, origin)
     model = fetch(entry.files[0] if entry else MODEL_FILE, missing_ok=entry is None)
     if model is None:
         pth = fetch(NNSSL_FILE, missing_ok=True)

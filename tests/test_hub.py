@@ -66,7 +66,8 @@ def tiny():
 
 
 def _put_in_cache(cache: Path, repo: str, sha: str, files: dict[str, Path], ref: str = "main") -> Path:
-    """Lay out files like huggingface_hub's cache: blobs/<hash>, snapshots/<sha>/<name> -> ../../blobs/<hash>."""
+    """Lay out files like huggingface_hub's cache: blobs/<hash>, snapshots/<sha>/<path> -> ../../blobs/<hash>
+    (a path in the repo may have folders, as in MIC-DKFZ/SSL3D-checkpoints)."""
     root = cache / ("models--" + repo.replace("/", "--"))
     (root / "refs").mkdir(parents=True, exist_ok=True)
     (root / "refs" / ref).write_text(sha)
@@ -78,10 +79,32 @@ def _put_in_cache(cache: Path, repo: str, sha: str, files: dict[str, Path], ref:
         blob = root / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
         link = snap / name
+        link.parent.mkdir(parents=True, exist_ok=True)
         if link.exists() or link.is_symlink():
             link.unlink()
-        os.symlink(os.path.relpath(blob, snap), link)
+        os.symlink(os.path.relpath(blob, link.parent), link)
     return snap
+
+
+def _nnssl_checkpoint(network_weights: dict, plan: dict | None) -> dict:
+    """The dict nnssl's AbstractBaseTrainer.save_checkpoint writes (nnssl commit 70448644), with tiny state: the
+    optimiser, scaler and logging entries are what a converter has to skip, `plan=None` leaves the plan out."""
+    first = next(iter(network_weights.values()))
+    ckpt = {
+        "network_weights": network_weights,
+        "optimizer_state": {"state": {0: {"momentum_buffer": torch.zeros_like(first)}},
+                            "param_groups": [{"lr": 0.01, "momentum": 0.99, "nesterov": True, "params": [0]}]},
+        "grad_scaler_state": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                              "_growth_tracker": 0},
+        "logging": {"train_losses": [1.0, 0.5], "lrs": [0.01, 0.009], "epoch_start_timestamps": [0.0, 1.0]},
+        "_best_ema": None,
+        "current_epoch": 2,
+        "init_args": {"configuration_name": "onemmiso", "fold": "all", "device": "cuda"},
+        "trainer_name": "BaseMAETrainer",
+    }
+    if plan is not None:
+        ckpt["nnssl_adaptation_plan"] = plan
+    return ckpt
 
 
 @pytest.fixture()
@@ -126,9 +149,11 @@ def test_registry_lists_the_openmind_resencl_checkpoints():
     for method in ("MAE", "S3D", "VoCo", "SimCLR", "VF", "SwinUNETR"):
         e = hub.REGISTRY[f"openmind-resencl-{method.lower()}"]
         assert e.repo_id == f"MIC-DKFZ/ResEncL-OpenMind-{method}"
-        assert e.format == "nnssl-pth" and e.files[0] == "checkpoint_final.pth"
+        assert e.aliases == (f"AnonRes/ResEncL-OpenMind-{method}",)
+        assert e.format == "nnssl-pth" and e.files == ("checkpoint_final.pth", "adaptation_plan.json")
+        # the patch is each plan's recommended_downstream_patchsize (SimCLR was pre-trained on 192 x 192 x 64)
         assert (e.arch, e.in_channels, e.spacing, e.normalization, e.patch_size) == \
-            ("resenc-l", 1, (1.0, 1.0, 1.0), "zscore", (160, 160, 160))
+            ("resenc-l", 1, (1.0, 1.0, 1.0), "zscore", None)
         assert e.license == "cc-by-4.0" and "2412.17041" in e.citation
     assert "2410.23132" in hub.REGISTRY["openmind-resencl-s3d"].citation
     with pytest.raises(S3DError, match="unknown format"):
@@ -289,7 +314,8 @@ def test_cli_list_and_info(capsys):
     assert "cc-by-4.0" in out and "MIC-DKFZ/ResEncL-OpenMind-S3D" in out
     out = _run_cli(["weights", "info", "openmind-resencl-s3d"], capsys)
     assert "https://huggingface.co/MIC-DKFZ/ResEncL-OpenMind-S3D" in out and "2410.23132" in out
-    assert "zscore" in out and "160 x 160 x 160" in out
+    assert "zscore" in out and "patch:         from the plan (recommended_downstream_patchsize" in out
+    assert "also as:       AnonRes/ResEncL-OpenMind-S3D" in out and "NOT confirmed" in out
     with pytest.raises(SystemExit) as ex:
         _run_cli(["weights", "info", "nope"], capsys)
     assert ex.value.code == 2 and "not in the registry" in capsys.readouterr().err
@@ -398,3 +424,224 @@ def test_revisions_and_repo_ids_that_would_leave_the_cache_are_refused(tmp_path,
     for repo, rev in (("MIC-DKFZ/ResEncL-OpenMind-MAE", "main"), ("a/b.c", "v1.0"), ("a/b", "refs/pr/1"),
                       ("a/b", "0123456789abcdef0123456789abcdef01234567")):
         hub.check_hub_names(repo, rev, "x")  # the Hub's real names pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every registry entry, resolved offline from a cache laid out like the real Hub repos (issue 14)
+
+
+def _sha_of(repo: str) -> str:
+    return hashlib.sha1(repo.encode()).hexdigest()  # any 40-hex commit id; one per repo
+
+
+def _plan(recommended: tuple | None, *, conf_patch=(160, 160, 160), spacing=(1, 1, 1), config: str = "onemmiso",
+          arch: str = "ResEncL", dataset: str = "Dataset745_OpenNeuro_v2") -> dict:
+    plan = json.loads(json.dumps(PLAN))
+    plan["architecture_plans"]["arch_class_name"] = arch
+    pp = plan["pretrain_plan"]
+    pp["dataset_name"] = dataset
+    conf = pp["configurations"].pop("onemmiso")
+    conf.update(spacing_style=config, spacing=list(spacing) if spacing else None, patch_size=list(conf_patch))
+    pp["configurations"][config] = conf
+    plan["recommended_downstream_patchsize"] = list(recommended) if recommended else None
+    return plan
+
+
+# What each entry's repo holds here. `cached` is the one Hub id the cache has: the OpenMind repos seen only as
+# AnonRes/... are cached only under that alias, so the alias fallback is what makes them resolve.
+LAYOUT = {
+    "openmind-resencl-mae": {"cached": "MIC-DKFZ/ResEncL-OpenMind-MAE", "patch": (160, 160, 160)},
+    "openmind-resencl-s3d": {"cached": "AnonRes/ResEncL-OpenMind-S3D", "patch": (160, 160, 160)},
+    "openmind-resencl-voco": {"cached": "MIC-DKFZ/ResEncL-OpenMind-VoCo", "patch": (160, 160, 160),
+                              "encoder_only": True},
+    "openmind-resencl-simclr": {"cached": "AnonRes/ResEncL-OpenMind-SimCLR", "patch": (192, 192, 64),
+                                "conf_patch": (192, 192, 64), "head": True},
+    "openmind-resencl-vf": {"cached": "AnonRes/ResEncL-OpenMind-VF", "patch": (128, 128, 128)},
+    "openmind-resencl-swinunetr": {"cached": "AnonRes/ResEncL-OpenMind-SwinUNETR", "patch": (160, 160, 160)},
+    "nnfoundation-cnn": {"cached": "MIC-DKFZ/nnFoundationCNN", "patch": (192, 192, 192), "config": "noresample",
+                         "spacing": None, "arch": "ResidualEncoderUNet", "extra": ("nnFoundation_banner.webp",)},
+    **{f"missingpiece-resencl-{m.lower()}": {"cached": f"MIC-DKFZ/ResEncL-MissingPiece-{m}", "patch": (112, 160, 128),
+                                             "spacing": (1.5, 0.75, 0.75), "dataset": "Dataset_CT-RATE_ABCD"}
+       for m in ("MAE", "MG", "S3D", "VoCo", "MultiTalent")},
+    "ssl3d-resencl-datamen": {"cached": "MIC-DKFZ/SSL3D-checkpoints", "patch": (160, 160, 160)},
+    "ssl3d-resencl-dkfz-mae": {"cached": "MIC-DKFZ/SSL3D-checkpoints", "patch": (160, 160, 160)},
+    # a submission without a plan and without decoder: the entry's fixed challenge patch applies
+    "ssl3d-resencl-hilab": {"cached": "MIC-DKFZ/SSL3D-checkpoints", "patch": None, "encoder_only": True},
+}
+
+
+def _weights_for(layout: dict, full: dict) -> dict:
+    sd = {k: v for k, v in full.items() if k.startswith("encoder.")} if layout.get("encoder_only") else dict(full)
+    if layout.get("head"):  # a contrastive projection head: not part of the U-Net, dropped by the converter
+        sd["projection_head.0.weight"] = torch.ones(8, 8)
+    return sd
+
+
+@pytest.fixture()
+def registry_cache(tmp_path, tiny, monkeypatch):
+    """An offline HF cache with every registry entry's repo in its real file layout; the tiny network's topology
+    stands in for the ResEnc-L preset so the registry's own entries (arch "resenc-l") are used unchanged."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    full = tiny.state_dict()
+    tiny_preset = {**hub.infer_network_config(hub.drop_dna_duplicates(full)), "num_classes": 1}
+    real_preset = hub.preset_network
+    monkeypatch.setattr(hub, "preset_network", lambda name: dict(tiny_preset) if name == "resenc-l"
+                        else real_preset(name))
+    cache, src = tmp_path / "hub", tmp_path / "src"
+    repos: dict[str, dict[str, Path]] = {}
+    for name, lay in LAYOUT.items():
+        entry = hub.REGISTRY[name]
+        folder = src / name
+        folder.mkdir(parents=True)
+        plan = None if lay["patch"] is None else _plan(
+            lay["patch"], conf_patch=lay.get("conf_patch", (160, 160, 160)), spacing=lay.get("spacing", (1, 1, 1)),
+            config=lay.get("config", "onemmiso"), arch=lay.get("arch", "ResEncL"),
+            dataset=lay.get("dataset", "Dataset745_OpenNeuro_v2"))
+        torch.save(_nnssl_checkpoint(_weights_for(lay, full), plan), folder / "weights.pth")
+        files = repos.setdefault(lay["cached"], {})
+        files[entry.files[0]] = folder / "weights.pth"
+        if entry.files[0] == "checkpoint_final.pth":  # the nnssl layout: plan, dummy config, card beside it
+            (folder / "adaptation_plan.json").write_text(json.dumps(plan))
+            (folder / "config.json").write_text('{"description": "Dummy config to allow tracking HF downloads."}')
+            (folder / "README.md").write_text(f"---\nlicense: {entry.license}\n---\n# {lay['cached']}\n")
+            files.update({n: folder / n for n in ("adaptation_plan.json", "config.json", "README.md")})
+            for extra in lay.get("extra", ()):
+                (folder / extra).write_bytes(b"RIFF\0\0\0\0WEBP")
+                files[extra] = folder / extra
+    ssl3d = repos["MIC-DKFZ/SSL3D-checkpoints"]
+    (src / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# SSL3D Challenge\n")
+    ssl3d["README.md"] = src / "README.md"
+    ssl3d["Primus-M/Datamen/Datamen_PrimusM.pth"] = src / "README.md"  # the other track: never read
+    for repo, files in repos.items():
+        _put_in_cache(cache, repo, _sha_of(repo), files)
+    return cache
+
+
+def test_every_registry_entry_resolves_offline_from_a_hub_cache(registry_cache, tiny, monkeypatch):
+    assert set(LAYOUT) == set(hub.REGISTRY), "a registry entry without a cached repo in this test"
+    calls = _count_torch_load(monkeypatch)
+    full = tiny.state_dict()
+    for name, lay in LAYOUT.items():
+        entry = hub.REGISTRY[name]
+        r = hub.resolve_weights(name, cache_dir=registry_cache)
+        cfg, src = r.config, r.config["source"]
+        repo = lay["cached"]
+        assert (src["repo_id"], src["registry_repo_id"], src["alias"]) == (repo, entry.repo_id,
+                                                                           repo != entry.repo_id), name
+        assert src["revision"] == _sha_of(repo) and src["filename"] == entry.files[0], name
+        assert r.path.parent.name.startswith(f"{repo.replace('/', '--')}--{_sha_of(repo)}"), name
+        assert repo in r.source, name
+        # patch: the plan's recommended_downstream_patchsize in s3d axis order, else the entry's fallback
+        want_patch = list(lay["patch"][::-1]) if lay["patch"] else list(entry.patch_size)
+        assert cfg["patch_size"] == want_patch, name
+        assert src["plan_from"] == ("checkpoint" if lay["patch"] else None), name
+        want_spacing = [float(x) for x in (lay.get("spacing") or (1, 1, 1))[::-1]]
+        assert cfg["plan"]["target_spacing"] == want_spacing, name
+        assert cfg["license"] == entry.license, name
+        expected = _expected_keys(_weights_for(lay, full))
+        expected = {k for k in expected if k.startswith(("encoder.", "decoder."))}
+        assert set(r.state_dict) == expected and src["dropped_keys"] == (1 if lay.get("head") else 0), name
+        assert all(torch.equal(r.state_dict[k], full[k]) for k in expected), name
+        assert cfg["network"]["features"] == list(TINY_FEATURES), name
+    assert len(calls) == len(LAYOUT)  # each checkpoint unpickled once, with weights_only=True
+    # the three SSL3D teams share one snapshot but not one conversion folder
+    team_dirs = {hub.resolve_weights(n, cache_dir=registry_cache).path.parent.name
+                 for n in LAYOUT if n.startswith("ssl3d-")}
+    prefix = f"MIC-DKFZ--SSL3D-checkpoints--{_sha_of('MIC-DKFZ/SSL3D-checkpoints')}"
+    assert team_dirs == {f"{prefix}--ResEnc-L-{t}-{t}_ResEncL" for t in ("Datamen", "DKFZ_MAE", "HiLab")}
+    assert len(calls) == len(LAYOUT)  # and the second resolution reads the converted safetensors
+
+
+def test_registry_id_wins_over_its_alias_and_a_missing_repo_names_both(registry_cache, tiny, monkeypatch):
+    src = registry_cache.parent / "src" / "openmind-resencl-s3d"
+    files = {n: src / n for n in ("adaptation_plan.json", "config.json", "README.md")}
+    _put_in_cache(registry_cache, "MIC-DKFZ/ResEncL-OpenMind-S3D", SHA, {**files, "checkpoint_final.pth":
+                                                                        src / "weights.pth"})
+    r = hub.resolve_weights("openmind-resencl-s3d", cache_dir=registry_cache)
+    assert r.config["source"]["repo_id"] == "MIC-DKFZ/ResEncL-OpenMind-S3D" and r.config["source"]["alias"] is False
+    # an explicit Hub id is taken as given: no alias is tried for it
+    with pytest.raises(S3DError, match="not in the cache") as err:
+        hub.resolve_weights("AnonRes/ResEncL-OpenMind-MAE", cache_dir=registry_cache)
+    assert "tried" not in str(err.value)
+    empty = registry_cache.parent / "empty"
+    with pytest.raises(S3DError) as err:
+        hub.resolve_weights("openmind-resencl-vf", cache_dir=empty)
+    msg = str(err.value)
+    assert "\n" not in msg and "not in the cache" in msg and "s3d weights download openmind-resencl-vf" in msg
+    assert "tried MIC-DKFZ/ResEncL-OpenMind-VF, AnonRes/ResEncL-OpenMind-VF" in msg
+    # a repo that exists but lacks the file is reported, not papered over with the alias
+    hub_repo = registry_cache / "models--MIC-DKFZ--ResEncL-OpenMind-VF" / "snapshots" / SHA
+    _put_in_cache(registry_cache, "MIC-DKFZ/ResEncL-OpenMind-VF", SHA, files)
+    assert hub_repo.is_dir()
+    with pytest.raises(S3DError, match="not in the cache"):
+        hub.resolve_weights("openmind-resencl-vf", cache_dir=registry_cache, local_files_only=True)
+
+
+def test_plan_comes_from_adaptation_plan_json_when_the_checkpoint_has_none(tmp_path, tiny, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(_nnssl_checkpoint(tiny.state_dict(), None), src / "checkpoint_final.pth")
+    (src / "adaptation_plan.json").write_text(json.dumps(_plan((192, 192, 64), conf_patch=(192, 192, 64))))
+    cache = tmp_path / "hub"
+    _put_in_cache(cache, REPO, SHA, {n: src / n for n in ("checkpoint_final.pth", "adaptation_plan.json")})
+    entry = hub.WeightsEntry(name="test-noplan", repo_id=REPO, revision="main",
+                             files=("checkpoint_final.pth", "adaptation_plan.json"), format="nnssl-pth", method="m",
+                             arch=None, spacing=None)
+    monkeypatch.setitem(hub.REGISTRY, entry.name, entry)
+    cfg = hub.resolve_weights("test-noplan", cache_dir=cache).config
+    assert cfg["patch_size"] == [64, 192, 192] and cfg["source"]["plan_from"] == "adaptation_plan.json"
+    assert cfg["nnssl_adaptation_plan"]["recommended_downstream_patchsize"] == [192, 192, 64]
+
+
+def test_ssl3d_team_entries_and_their_names():
+    e = hub.REGISTRY["ssl3d-resencl-dkfz-mae"]
+    assert e.repo_id == "MIC-DKFZ/SSL3D-checkpoints" and e.files == ("ResEnc-L/DKFZ_MAE/DKFZ_MAE_ResEncL.pth",)
+    assert e.files[0] != "checkpoint_final.pth" and e.patch_size == (160, 160, 160) and e.license == "cc-by-4.0"
+    other = hub.ssl3d_team_entry("Some-Team_2", "method X")
+    assert other.name == "ssl3d-resencl-some-team-2"
+    assert other.files == ("ResEnc-L/Some-Team_2/Some-Team_2_ResEncL.pth",)
+    for bad in ("../x", "a/b", "", "x..y"):
+        with pytest.raises(S3DError, match="SSL3D team") as err:
+            hub.ssl3d_team_entry(bad, "m")
+        assert "\n" not in str(err.value)
+
+
+def test_registry_entries_say_where_their_facts_come_from():
+    for e in hub.REGISTRY.values():
+        assert e.sources and e.data_summary and e.pretraining_data and e.license, e.name
+        assert e.files[0].endswith(".pth") and e.format == "nnssl-pth", e.name
+    nnf = hub.REGISTRY["nnfoundation-cnn"]
+    assert nnf.license == "cc-by-sa-4.0" and nnf.license_label() == "cc-by-sa-4.0 (!)"
+    assert "ShareAlike" in nnf.license_note() and nnf.arch is None and nnf.patch_size is None
+    assert hub.REGISTRY["openmind-resencl-mae"].license_note() is None
+    for m in ("MAE", "MG", "S3D", "VoCo", "MultiTalent"):
+        e = hub.REGISTRY[f"missingpiece-resencl-{m.lower()}"]
+        assert e.repo_id == f"MIC-DKFZ/ResEncL-MissingPiece-{m}" and "2509.15947" in e.citation
+        assert e.spacing is None and e.patch_size is None
+    assert "CT-RATE" in hub.REGISTRY["missingpiece-resencl-s3d"].pretraining_data
+    assert "not confirmed" in hub.REGISTRY["missingpiece-resencl-multitalent"].pretraining_data
+    text = Path(hub.__file__).read_text()
+    assert "documentation/openmind.md" not in text and "documentation/Getting_started_OpenMind.md" in text
+
+
+def test_cli_list_is_a_table_with_licence_and_data_and_flags_share_alike(capsys):
+    out = _run_cli(["weights", "list"], capsys)
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    assert lines[0].split() == ["name", "licence", "pre-training", "data", "hub", "id"]
+    for e in hub.REGISTRY.values():
+        row = next(line for line in lines if line.split() and line.split()[0] == e.name)
+        assert e.license_label() in row and e.data_summary in row and e.repo_id in row, e.name
+    nnf_row = next(line for line in lines if line.startswith("nnfoundation-cnn "))
+    assert "cc-by-sa-4.0 (!)" in nnf_row
+    assert sum("(!)" in line for line in lines) == 2  # the one flagged row and its explanation
+    assert any(line.startswith("(!) cc-by-sa-4.0: ShareAlike") for line in lines)
+    out = _run_cli(["weights", "info", "nnfoundation-cnn"], capsys)
+    assert "licence:       cc-by-sa-4.0 (!)" in out and "(!) cc-by-sa-4.0: ShareAlike" in out
+    assert "as stored" in out and "NOT resolved, so the network is read off the tensors" in " ".join(out.split())
+
+
+def test_cli_info_shows_the_hub_card_cached_under_an_alias(registry_cache, capsys):
+    out = _run_cli(["weights", "info", "openmind-resencl-vf", "--cache-dir", str(registry_cache)], capsys)
+    assert "model card from the Hub" in out and "# AnonRes/ResEncL-OpenMind-VF" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import click
@@ -21,17 +22,47 @@ def weights() -> None:
     """
 
 
-@weights.command("list")
-def list_() -> None:
-    """Print the registry: name, Hub repo, pre-training method and licence."""
+LIST_WIDTH = 120
+
+
+def _cell(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def registry_table(width: int = LIST_WIDTH) -> list[str]:
+    """`s3d weights list` as lines of at most `width` characters: name, licence, pre-training data, Hub id."""
     from s3d.hub import REGISTRY
 
-    rows = [("name", "hub id", "method", "licence")]
-    rows += [(e.name, e.repo_id, e.method, e.license) for e in REGISTRY.values()]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
-    click.echo("\nDetails: s3d weights info NAME. Any Hub repo id owner/name[@revision] works with --weights too.")
+    entries = list(REGISTRY.values())
+    head = ("name", "licence", "pre-training data", "hub id")
+    rows = [(e.name, e.license_label(), e.data_summary or e.pretraining_data or "unknown", e.repo_id)
+            for e in entries]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    # The data and hub columns give way (in that order) when the table would not fit.
+    over = sum(widths) + 2 * 3 - width
+    for i in (2, 3):
+        if over > 0:
+            cut = min(over, widths[i] - len(head[i]))
+            widths[i] -= cut
+            over -= cut
+    lines = ["  ".join(_cell(c, w).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = {e.license: e.license_note() for e in entries if e.license_note()}
+    if notes:
+        lines.append("")
+        for note in notes.values():
+            lines += textwrap.wrap(f"(!) {note}", width, subsequent_indent="    ")
+    return lines
+
+
+@weights.command("list")
+def list_() -> None:
+    """Print the registry: name, licence, pre-training data and Hub repo of every entry."""
+    for line in registry_table():
+        click.echo(line)
+    click.echo("\nDetails and sources: s3d weights info NAME. Any Hub repo id owner/name[@revision] works with "
+               "--weights too.")
 
 
 @weights.command()
@@ -46,13 +77,18 @@ def info(name: str, cache_dir: Path | None) -> None:
     if entry is None:
         raise S3DError(f"weights '{name}': not in the registry; known: {', '.join(REGISTRY)}")
     click.echo(entry.card())
+    readme = None
     try:
         from huggingface_hub import hf_hub_download
-
-        readme = hf_hub_download(entry.repo_id, "README.md", revision=entry.revision,
-                                 cache_dir=str(_cache_root(cache_dir)), local_files_only=True)
-    except Exception:  # not cached (or no hub): the registry text above is the card
-        readme = None
+    except ImportError:  # the registry text above is the card
+        hf_hub_download = None
+    for repo in (entry.repo_id, *entry.aliases) if hf_hub_download else ():
+        try:
+            readme = hf_hub_download(repo, "README.md", revision=entry.revision,
+                                     cache_dir=str(_cache_root(cache_dir)), local_files_only=True)
+            break
+        except Exception:  # not cached under this id: the registry text above is the card
+            continue
     if readme:
         click.echo(f"\n--- model card from the Hub ({readme}) ---\n")
         click.echo(Path(readme).read_text(errors="replace"))

@@ -238,6 +238,26 @@ def network_config(cfg: PretrainConfig):  # noqa: ANN201 - ResEncConfig
     return net
 
 
+def make_objective(cfg: PretrainConfig, net_cfg, augmenter=None) -> tuple[nn.Module, dict]:  # noqa: ANN001
+    """The objective `s3d pretrain --method cfg.method` trains, and the settings it adds to config.json
+    (benchmarks build theirs here too, so that they measure what training runs)."""
+    if cfg.method == "mae":
+        from s3d.nn.masking import default_block_size, parse_mask_ratio
+
+        block = tuple(cfg.mask_block) if cfg.mask_block else default_block_size(cfg.patch_size, net_cfg)
+        ratio = parse_mask_ratio(cfg.mask_ratio)
+        return (MAEObjective(net_cfg, cfg.patch_size, ratio, block, augmenter),
+                {"mask_block": list(block), "mask_ratio": cfg.mask_ratio})
+    if cfg.method == "simtrot":
+        if cfg.batch_size < 2:
+            raise S3DError("--batch-size must be >= 2 for simtrot: the same-position weight w compares tokens "
+                           "of different volumes in a batch")
+        return SimTROTObjective(net_cfg, cfg.patch_size, cfg, augmenter), {}
+    if cfg.method == "btrot":
+        return BTROTObjective(net_cfg, cfg.patch_size, cfg, augmenter), {}
+    raise S3DError(f"--method {cfg.method}: choose one of {', '.join(METHODS)}")
+
+
 def prepare_corpus(sources: list[Path], cfg: PretrainConfig, *, jobs: int = 1, cache_dir: Path | None = None,
                    curation=None) -> tuple[list, list[dict]]:  # noqa: ANN001 - CurationConfig
     """The store cases to pre-train on, and the volumes left out because they are smaller than the
@@ -341,21 +361,7 @@ def _pretrain(data: list[str | Path], output: Path, cfg: PretrainConfig, *, resu
     augmenter = Augmenter.for_pretraining(cfg.patch_size) if cfg.augment else None
 
     torch.manual_seed(cfg.seed)
-    extra: dict = {}
-    if cfg.method == "mae":
-        from s3d.nn.masking import default_block_size, parse_mask_ratio
-
-        block = tuple(cfg.mask_block) if cfg.mask_block else default_block_size(cfg.patch_size, net_cfg)
-        ratio = parse_mask_ratio(cfg.mask_ratio)
-        objective: nn.Module = MAEObjective(net_cfg, cfg.patch_size, ratio, block, augmenter)
-        extra = {"mask_block": list(block), "mask_ratio": cfg.mask_ratio}
-    elif cfg.method == "simtrot":
-        if cfg.batch_size < 2:
-            raise S3DError("--batch-size must be >= 2 for simtrot: the same-position weight w compares tokens "
-                           "of different volumes in a batch")
-        objective = SimTROTObjective(net_cfg, cfg.patch_size, cfg, augmenter)
-    else:
-        objective = BTROTObjective(net_cfg, cfg.patch_size, cfg, augmenter)
+    objective, extra = make_objective(cfg, net_cfg, augmenter)
 
     run_config = {
         "s3d_version": __version__,

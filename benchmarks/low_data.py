@@ -6,7 +6,10 @@ On a fixed internal split of Dataset004_Hippocampus (fold 0 of s3d's 5-fold spli
 2. fine-tune from scratch (same network and preprocessing, random init) and from each pre-trained
    encoder with N training cases (default 5, 10, 25, all) and several seeds, one step budget per N;
 3. predict the validation cases, evaluate Dice and NSD (1 mm) on the original grid, and report
-   mean +- std per arm and N as a Markdown table (results.md), JSON (results.json) and a PNG plot.
+   mean +- std per arm and N as a Markdown table (results.md), JSON (results.json) and a PNG plot;
+   each pre-trained arm against scratch as the mean paired per-case difference (averaged over the
+   seeds both ran) with a 95% bootstrap interval over the validation cases and the per-case win rate
+   (s3d.compare.paired_bootstrap, as `s3d evaluate REF A B` reports it).
 
 Everything is resumable: finished runs are skipped, so the study can be stopped and restarted.
 
@@ -279,40 +282,61 @@ def report(out: Path, args: argparse.Namespace, arms: list[str], n_train: int, n
                  f"(NSD {row[str(n)]['nsd_mean']:.3f} ± {row[str(n)]['nsd_std']:.3f}, {row[str(n)]['seeds']} seeds)"
                  if str(n) in row else "-" for n in args.ns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += _paired_table(results, args.ns)
+    paired_lines, paired = _paired_table(out, results, args.ns, args.seeds)
+    lines += paired_lines
     (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_json(out / "paired_vs_scratch.json", paired)
     print("\n".join(lines))
     seeds = max((row[str(n)]["seeds"] for row in results.values() for n in args.ns if str(n) in row), default=0)
     _draw_plot(results, args.ns, out / "dice_vs_n.png", n_train,
                f"Hippocampus fold 0, {args.finetune_steps} fine-tuning steps, {seeds} seed(s) per point")
 
 
-def _paired_table(results: dict, ns: list) -> list[str]:
-    """Dice of each pre-trained arm minus scratch, paired by seed (same subset, same seed), in points.
-    Pairing removes the spread the arms share (which cases, which seed), so it shows more than the
-    difference of two means with their own stds."""
-    base = results.get("scratch")
-    if not base:
-        return []
-    lines = ["", "Dice minus scratch, paired by seed, in points (mean ± std over seeds):", "",
+def _case_dice(out: Path, arm: str, n: str, seed: int) -> dict[str, float] | None:
+    from s3d.compare import per_case_values
+
+    path = out / f"ft_{arm}_n{n}_s{seed}" / "val_summary.json"
+    return per_case_values(json.loads(path.read_text()), "Dice") if path.exists() else None
+
+
+def _paired_table(out: Path, results: dict, ns: list, seeds: list[int]) -> tuple[list[str], dict]:
+    """Dice of each pre-trained arm minus scratch, paired by case: per validation case the difference
+    averaged over the seeds both arms ran, then its mean over cases with a 95% bootstrap interval over
+    cases (10,000 resamples, seeded) and the share of cases the arm wins. Pairing removes what the arms
+    share (which cases are hard), so it shows more than two means with their own stds; the interval
+    says whether the difference is larger than the case-to-case noise of this validation set."""
+    from s3d.compare import paired_bootstrap
+
+    if not results.get("scratch"):
+        return [], {}
+    lines = ["", "Dice minus scratch, paired by case (per case averaged over the seeds both ran), in points: "
+             "mean [95% bootstrap CI over cases], cases won:", "",
              "| arm | " + " | ".join(f"N={n}" for n in ns) + " |", "| --- |" + " --- |" * len(ns)]
-    for arm, row in results.items():
+    stats: dict = {}
+    for arm in results:
         if arm == "scratch":
             continue
         cells = []
         for n in ns:
-            a, b = row.get(str(n)), base.get(str(n))
-            pa = dict(zip(a["seed_ids"], a["dice_per_seed"], strict=True)) if a else {}
-            pb = dict(zip(b["seed_ids"], b["dice_per_seed"], strict=True)) if b else {}
-            common = sorted(pa.keys() & pb.keys())
-            k = len(common)
-            if not k:
+            pairs = [(_case_dice(out, arm, str(n), s), _case_dice(out, "scratch", str(n), s)) for s in seeds]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            if not pairs:
                 cells.append("-")
                 continue
-            diff = 100 * np.array([pa[i] - pb[i] for i in common])
-            cells.append(f"{diff.mean():+.1f} ± {_seed_std(diff):.1f} ({k})")
+            cases = sorted(pairs[0][0])
+            a = np.array([[p[0][c] for c in cases] for p in pairs]).mean(axis=0)
+            b = np.array([[p[1][c] for c in cases] for p in pairs]).mean(axis=0)
+            r = paired_bootstrap(a, b, seed=0)
+            stats.setdefault(arm, {})[str(n)] = r | {"seeds": len(pairs)}
+            if r["mean_diff"] is None:
+                cells.append("-")
+                continue
+            cells.append(f"{100 * r['mean_diff']:+.1f} [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}], "
+                         f"wins {100 * r['win_rate']:.0f}% ({len(pairs)} seeds)")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return lines
+    lines += ["", "An interval that excludes 0 means the arm differs from scratch beyond the case-to-case noise "
+              "of these validation cases (the seeds' training noise is averaged, not resampled)."]
+    return lines, stats
 
 
 if __name__ == "__main__":

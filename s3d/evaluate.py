@@ -22,7 +22,7 @@ import numpy as np
 from s3d.errors import S3DError
 from s3d.files import json_safe
 
-__all__ = ["evaluate_folders", "write_summary", "resolve_labels", "METRIC_KEYS"]
+__all__ = ["evaluate_folders", "write_summary", "resolve_labels", "merge_summaries", "METRIC_KEYS"]
 
 # Per-label numbers averaged into "mean" / "foreground_mean" (nnU-Net's keys plus NSD/HD95/volumes).
 METRIC_KEYS = ("Dice", "NSD", "HD95", "IoU", "TP", "FP", "FN", "n_ref", "n_pred", "volume_ref_mm3",
@@ -136,13 +136,16 @@ def _mean_over(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def evaluate_folders(ref_dir: str | Path, pred_dir: str | Path,
                      labels: dict[str, int] | Sequence[int] | None = None, nsd_tolerance: float = 1.0,
-                     jobs: int = 1, output: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                     jobs: int = 1, output: str | Path | None = None, progress: bool = True,
+                     names: Sequence[str] | None = None) -> dict[str, Any]:
     """Dice, NSD (at `nsd_tolerance` mm) and HD95 of every prediction against its reference.
 
     Cases are matched by file name: each label file in `ref_dir` needs a file of the same name in
     `pred_dir` on the same grid (shape, and affine within 1e-4), else S3DError naming the files.
     `labels`: see `resolve_labels`. `jobs` worker processes read and score cases in parallel.
     When `output` (a .json path) is given, writes it and a CSV of the same stem (`write_summary`).
+    `names`: score only the reference files with these names (file names, or case ids without the
+    file ending), e.g. the validation cases of one fold in a dataset's labelsTr.
 
     Returns {"metric_per_case": [{"reference_file", "prediction_file", "metrics": {"1": {...}}}],
     "mean": {"1": {...}}, "foreground_mean": {...}, "labels": {"1": name}, ...}, JSON-safe (None
@@ -160,6 +163,8 @@ def evaluate_folders(ref_dir: str | Path, pred_dir: str | Path,
     refs = _label_files(ref_dir)
     if not refs:
         raise S3DError(f"{ref_dir}: no label files ({', '.join(_suffixes())})")
+    if names is not None:
+        refs = _select(refs, names, ref_dir)
     preds = _label_files(pred_dir)
     problems = [f"{pred_dir / name}: prediction missing for reference {refs[name]}" for name in refs
                 if name not in preds]
@@ -190,22 +195,70 @@ def evaluate_folders(ref_dir: str | Path, pred_dir: str | Path,
         metrics = {k: r["metrics"].get(k) or _empty_label_metrics() for k in keys}
         per_case.append({"reference_file": r["reference_file"], "prediction_file": r["prediction_file"],
                          "metrics": metrics})
+    summary = _summarise(per_case, {str(v): n for v, n in label_names.items()}, tolerance)
+    summary["reference_dir"] = str(ref_dir)
+    summary["prediction_dir"] = str(pred_dir)
+    if output is not None:
+        write_summary(summary, output)
+    return summary
+
+
+def _select(refs: dict[str, Path], names: Sequence[str], ref_dir: Path) -> dict[str, Path]:
+    by_case = {}
+    for file_name in refs:
+        for suffix in _suffixes():
+            if file_name.endswith(suffix):
+                by_case[file_name[: -len(suffix)]] = file_name
+    picked, missing = {}, []
+    for name in names:
+        file_name = name if name in refs else by_case.get(name)
+        if file_name is None:
+            missing.append(name)
+        else:
+            picked[file_name] = refs[file_name]
+    if missing:
+        raise S3DError(f"{ref_dir}: no reference for case {missing[0]} ({len(missing)} of {len(names)} missing)")
+    return dict(sorted(picked.items()))
+
+
+def _summarise(per_case: list[dict[str, Any]], labels: dict[str, str], tolerance: float) -> dict[str, Any]:
+    keys = list(labels)
     mean = {k: _mean_over([c["metrics"][k] for c in per_case]) for k in keys}
     foreground = {}
     for key in METRIC_KEYS:
-        vals = [mean[k][key] for k in keys if math.isfinite(mean[k][key])]
+        vals = [mean[k][key] for k in keys if mean[k][key] is not None and math.isfinite(mean[k][key])]
         foreground[key] = float(np.mean(vals)) if vals else math.nan
-    summary = {
+    return json_safe({
         "metric_per_case": per_case,
         "mean": mean,
         "foreground_mean": foreground,
-        "labels": {str(v): n for v, n in label_names.items()},
+        "labels": labels,
         "nsd_tolerance_mm": tolerance,
         "hd95_percentile": 95,
-        "reference_dir": str(ref_dir),
-        "prediction_dir": str(pred_dir),
-    }
-    summary = json_safe(summary)
+    })
+
+
+def merge_summaries(summaries: Sequence[dict[str, Any]], output: str | Path | None = None) -> dict[str, Any]:
+    """One summary over the cases of several (e.g. the folds of a cross-validation), with the means
+    computed over all their cases as `evaluate_folders` computes them; the label sets and NSD
+    tolerances must agree. Written to `output` (and its CSV) when given."""
+    if not summaries:
+        raise S3DError("no summaries to merge")
+    labels, tolerance = summaries[0]["labels"], summaries[0]["nsd_tolerance_mm"]
+    for s in summaries[1:]:
+        if s["labels"] != labels or s["nsd_tolerance_mm"] != tolerance:
+            raise S3DError(f"summaries of {s.get('prediction_dir')} and {summaries[0].get('prediction_dir')} use "
+                           "different labels or NSD tolerances; they cannot be merged")
+    per_case = sorted((c for s in summaries for c in s["metric_per_case"]),
+                      key=lambda c: Path(c["reference_file"]).name)
+    seen: set[str] = set()
+    for c in per_case:
+        name = Path(c["reference_file"]).name
+        if name in seen:
+            raise S3DError(f"case {name} is in more than one of the summaries to merge")
+        seen.add(name)
+    summary = _summarise(per_case, labels, tolerance)
+    summary["prediction_dirs"] = [s.get("prediction_dir") for s in summaries]
     if output is not None:
         write_summary(summary, output)
     return summary

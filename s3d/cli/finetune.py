@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import click
@@ -20,6 +21,28 @@ from s3d.cli.options import (
 )
 
 
+class FoldsOption(click.Option):
+    """--folds takes one value or several: `--folds all`, `--folds 0 2 4`, `--folds 0,2,4`. click has
+    no options of variable arity, so the fold numbers that follow the first are taken here; a token
+    that is not a number (the next option, DATASET, OUTPUT) ends the list."""
+
+    def add_to_parser(self, parser, ctx: click.Context) -> None:  # noqa: ANN001 - click's private parser
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            opt = getattr(parser, "_long_opt", {}).get(name)
+            if opt is None:
+                continue
+            original = opt.process
+
+            def process(value: str, state, original=original) -> None:  # noqa: ANN001
+                values = [value]
+                while state.rargs and re.fullmatch(r"\d+(,\d+)*", state.rargs[0]):
+                    values.append(state.rargs.pop(0))
+                original(" ".join(values), state)
+
+            opt.process = process
+
+
 @click.command()
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("output", type=click.Path(file_okay=False, path_type=Path))
@@ -33,7 +56,16 @@ from s3d.cli.options import (
 @click.option("--val-every", type=click.IntRange(min=0), default=250, show_default=True,
               help="Validate (sliding-window Dice on the validation cases) every N steps; 0: only at the end.")
 @click.option("--fold", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Validation fold of a fixed 5-fold split of the labeled cases.")
+              help="Validation fold of a fixed 5-fold split of the labeled cases (one run in OUTPUT).")
+@click.option("--folds", cls=FoldsOption, default=None, metavar="all|K [K ...]",
+              help="Cross-validation: train these folds of the fixed 5-fold split one after another into "
+                   "OUTPUT/fold_K (`all`: 0-4). After each fold its validation cases are predicted on their "
+                   "original grid into OUTPUT/fold_K/validation/ and scored; then OUTPUT/crossval/summary.json "
+                   "scores all out-of-fold predictions and OUTPUT/postprocessing.json records the "
+                   "postprocessing `s3d predict -m OUTPUT` applies. With --resume, finished folds are not "
+                   "retrained and the unfinished one continues. Needs the raw dataset.")
+@click.option("--no-tta", is_flag=True,
+              help="With --folds: predict the validation cases without mirroring (8x faster, slightly worse).")
 @click.option("--val-fraction", type=float, default=None,
               help="Instead of folds: hold out this fraction (0-1) of the labeled cases for validation.")
 @click.option("--train-cases", type=click.IntRange(min=1), default=None,
@@ -64,14 +96,16 @@ from s3d.cli.options import (
 @jobs_option
 @cache_dir_option
 def finetune(dataset: Path, output: Path, arch: str, patch_size, batch_size: int, steps: int, val_every: int,
-             fold: int, val_fraction, train_cases, seed: int, device: str, resume: bool, weights, from_scratch: bool,
+             fold: int, folds: str | None, no_tta: bool, val_fraction, train_cases, seed: int, device: str,
+             resume: bool, weights, from_scratch: bool,
              lr, warmup_steps, spacing, no_deep_supervision: bool, checkpoint_every: int, amp: str, workers,
              jobs: int, cache_dir) -> None:
     """Train a segmentation network on DATASET and write it to OUTPUT.
 
     DATASET is an nnU-Net raw dataset folder (dataset.json, imagesTr/, labelsTr/), preprocessed on the
     fly into a cache, or the output of `s3d preprocess`. OUTPUT receives model.safetensors and
-    config.json (all that `s3d predict` needs), the resumable state, log.csv and validation.jsonl.
+    config.json (all that `s3d predict` needs), the resumable state, log.csv and validation.jsonl;
+    with --folds, one such folder per fold (OUTPUT/fold_K) plus the cross-validation results.
     """
     from s3d.train.finetune import FinetuneConfig
     from s3d.train.finetune import finetune as run
@@ -83,6 +117,15 @@ def finetune(dataset: Path, output: Path, arch: str, patch_size, batch_size: int
         deep_supervision=not no_deep_supervision, spacing=tuple(spacing) if spacing else None, device=device,
         amp=amp, checkpoint_every=checkpoint_every,
     )
+    if folds is not None:
+        from s3d.crossval import crossval_finetune, parse_folds
+
+        result = crossval_finetune(dataset, output, cfg, parse_folds(folds), resume=resume, jobs=jobs,
+                                   cache_dir=cache_dir, workers=workers, tta=not no_tta)
+        if result.get("summary_path"):
+            click.echo(f"cross-validation summary in {result['summary_path']} (predict the ensemble of the folds "
+                       f"with: s3d predict -i IMAGES -o OUT -m {output})")
+        return
     out = run(dataset, output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir, workers=workers)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once rather than once per rank
         click.echo(f"model written to {out} (predict with: s3d predict -i IMAGES -o OUT -m {out})")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import struct
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -116,3 +118,51 @@ def test_simtrot_refuses_a_single_volume_batch(images, cache, tmp_path):
                                    "--batch-size", "1", "--steps", "1", "--cache-dir", str(cache), *COMMON])
     assert res.exit_code != 0
     assert "--batch-size must be >= 2" in str(res.exception) + res.output
+
+
+def _captured_config(monkeypatch, tmp_path, *args):
+    """The PretrainConfig the CLI builds (training itself is replaced by a stub)."""
+    import s3d.train.pretrain as pt
+
+    seen = {}
+
+    def fake(data, output, cfg, **kw):
+        seen["cfg"] = cfg
+        return output
+
+    monkeypatch.setattr(pt, "pretrain", fake)
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    res = _run(["pretrain", str(data), str(tmp_path / "out"), *args])
+    assert res.exit_code == 0, res.output
+    return seen["cfg"]
+
+
+def test_mae_default_mask_ratio_is_s3d_dynamic_range(monkeypatch, tmp_path):
+    from s3d.nn.masking import parse_mask_ratio, random_block_mask
+    from s3d.train.pretrain import PretrainConfig
+
+    cfg = _captured_config(monkeypatch, tmp_path)
+    assert cfg.method == "mae" and cfg.mask_ratio == PretrainConfig().mask_ratio
+    ratio = parse_mask_ratio(cfg.mask_ratio)
+    assert ratio == (0.6, 0.9)
+    # the default draws per sample, within [0.6, 0.9] of the 5^3 = 125 cells, and not one fixed ratio
+    m = random_block_mask(300, (40, 40, 40), (8, 8, 8), ratio, generator=torch.Generator().manual_seed(0))
+    frac = 1.0 - m[:, 0, ::8, ::8, ::8].flatten(1).mean(1)
+    assert float(frac.min()) >= 0.6 - 0.5 / 125 and float(frac.max()) <= 0.9 + 0.5 / 125
+    assert len(frac.unique()) > 20 and float(frac.min()) < 0.65 and float(frac.max()) > 0.85
+    # a fixed 0.75 stays available; token methods keep their fixed 75% view mask
+    assert _captured_config(monkeypatch, tmp_path, "--mask-ratio", "0.75").mask_ratio == "0.75"
+    tok = _captured_config(monkeypatch, tmp_path, "--method", "simtrot")
+    assert tok.view_mask_ratio == 0.75
+    assert not cfg.block_sparse and _captured_config(monkeypatch, tmp_path, "--block-sparse").block_sparse
+
+
+def test_mae_block_sparse_run_trains(images, cache, tmp_path):
+    out = tmp_path / "bs"
+    res = _run(["pretrain", str(images), str(out), "--steps", "2", "--checkpoint-every", "2", "--block-sparse",
+                "--cache-dir", str(cache), *COMMON])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "pretrain.json").read_text())["block_sparse"] is True
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert rows and math.isfinite(float(rows[-1]["loss"])) and float(rows[-1]["loss"]) > 0

@@ -364,3 +364,211 @@ def test_leaky_relu_and_residual_keep_zeros():
     assert torch.all(y[(m_out == 0).expand_as(y)] == 0)
     # and without the mask the same block fills the masked voxels (the test above is not vacuous)
     assert (blk(x) * (1 - m_out)).abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- cheap masked IN
+
+
+def _norm_case(seed: int, dtype: torch.dtype, shape=(3, 4, 6, 5, 7)):
+    """Input with channel offsets, a random mask with one all-hidden and one all-visible sample, and g."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2 + torch.arange(shape[1]).view(1, -1, 1, 1, 1) * 3).to(dtype)
+    m = (torch.rand(shape[0], 1, *shape[2:], generator=g) > 0.6).to(dtype)
+    m[1] = 0
+    m[2] = 1
+    w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    gy = torch.randn(shape, generator=g).to(dtype)
+    return x, m, w, b, gy
+
+
+def _out_and_grads(fn, x, m, w, b, gy):
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = fn(x, m, w, b)
+    y.backward(gy)
+    return y.detach(), x.grad, w.grad, b.grad
+
+
+def test_masked_norm_equals_reference_formula_fp32_and_bf16():
+    """Outputs and gradients of the fast path against the straightforward float formula (the reference)."""
+    x, m, w, b, gy = _norm_case(5, torch.float32)
+    fast = _out_and_grads(masked_instance_norm, x, m, w, b, gy)
+    ref = _out_and_grads(masked_instance_norm_reference, x, m, w, b, gy)
+    for name, a, r in zip(("y", "dx", "dw", "db"), fast, ref, strict=True):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5, msg=name)
+    assert torch.all(fast[1][1] == 0) and torch.all(fast[0][1] == 0)  # all-hidden sample: zeros, no NaN
+    xb, mb, gb = x.bfloat16(), m.bfloat16(), gy.bfloat16()
+    fast_b = _out_and_grads(masked_instance_norm, xb, mb, w, b, gb)
+    ref_b = _out_and_grads(masked_instance_norm_reference, xb.float(), mb.float(), w, b, gb.float())
+    assert fast_b[0].dtype == fast_b[1].dtype == torch.bfloat16 and fast_b[2].dtype == torch.float32
+    for name, a, r in zip(("y", "dx", "dw", "db"), fast_b, ref_b, strict=True):
+        assert _rel_err(a, r) < 1e-2, name
+    assert torch.all(fast_b[1][(mb == 0).expand_as(xb)] == 0)
+
+
+def test_masked_norm_half_precision_makes_no_full_size_float32_tensor():
+    """Under bf16 the elementwise work stays bf16: no op in forward or backward outputs a full-size float32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, m, w, b, gy = _norm_case(6, torch.bfloat16, shape=(3, 3, 8, 8, 8))
+    seen: list[tuple[str, torch.dtype, int]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    seen.append((str(func), t.dtype, t.numel()))
+            return out
+
+    xr = x.clone().requires_grad_()
+    with Record():
+        masked_instance_norm(xr, m, w, b).backward(gy)
+    big = [s for s in seen if s[2] >= x.numel()]
+    assert big, "nothing recorded: the check would be vacuous"
+    assert not [s for s in big if s[1] != torch.bfloat16], big
+    # and the straightforward reference does make them (the check can fail)
+    seen.clear()
+    with Record():
+        masked_instance_norm_reference(x, m, w, b)
+    assert [s for s in seen if s[2] >= x.numel() and s[1] == torch.float32]
+
+
+def test_encoder_masks_are_computed_once_in_the_activation_dtype(monkeypatch):
+    import s3d.nn.sparse as sparse
+    from s3d.nn.mae import MAEModel
+
+    calls: list[torch.dtype] = []
+    original = sparse.stage_masks
+
+    def counting(mask, strides, check=True, dtype=None):  # noqa: ANN001
+        out = original(mask, strides, check, dtype)
+        calls.append(out[0].dtype)
+        return out
+
+    monkeypatch.setattr(sparse, "stage_masks", counting)
+    torch.manual_seed(0)
+    model = MAEModel(TINY)
+    norm_masks: list[torch.dtype] = []
+    for mod in model.encoder.modules():
+        if isinstance(mod, MaskedInstanceNorm3d):
+            mod.register_forward_hook(lambda mod, args, out: norm_masks.append(args[1].dtype))
+    m = block_mask(2, (4, 4, 4), (4, 4, 4), seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 1, 16, 16, 16), m)
+    assert calls == [torch.bfloat16]  # once per step, shared by the encoder and the mask tokens
+    assert norm_masks and set(norm_masks) == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------- block sparsity
+
+
+def _cell_mask(batch: int, grid: tuple[int, int, int], edge: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """Random cells; sample 0 mixed, sample 1 all hidden, sample 2 all visible (when batch allows)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = (torch.rand(batch, 1, *grid, generator=g) > 0.5).double()
+    coarse.view(batch, -1)[0, 0], coarse.view(batch, -1)[0, -1] = 1.0, 0.0
+    if batch > 1:
+        coarse[1] = 0
+    if batch > 2:
+        coarse[2] = 1
+    m = coarse
+    for ax in range(3):
+        m = m.repeat_interleave(edge[ax], dim=2 + ax)
+    return m
+
+
+@pytest.mark.parametrize("kernel,stride", [((3, 3, 3), (1, 1, 1)), ((3, 3, 3), (2, 2, 2)), ((1, 3, 3), (1, 2, 2)),
+                                           ((1, 1, 1), (1, 1, 1))])
+def test_block_conv_equals_dense_conv_on_visible_cells(kernel, stride):
+    from s3d.nn.sparse import VisibleBlocks, block_conv
+
+    torch.manual_seed(0)
+    conv = nn.Conv3d(3, 4, kernel, stride, padding=[(k - 1) // 2 for k in kernel]).double()
+    edge, grid = (4, 3, 2), (2, 3, 2)  # every cell touches the border on some axis, the middle j-cells not all
+    out_shape = tuple(g * e for g, e in zip(grid, edge, strict=True))
+    x = torch.randn(3, 3, *(n * s for n, s in zip(out_shape, stride, strict=True)), dtype=torch.float64,
+                    requires_grad=True)
+    m = _cell_mask(3, grid, edge, seed=1)
+    gy = torch.randn(3, 4, *out_shape, dtype=torch.float64) * m  # a loss that reads visible outputs only
+    dense = conv(x)
+    grads_dense = torch.autograd.grad((dense * gy).sum(), (x, conv.weight, conv.bias))
+    sparse = block_conv(conv, x, VisibleBlocks(m, edge))
+    grads_sparse = torch.autograd.grad((sparse * gy).sum(), (x, conv.weight, conv.bias))
+    vis = (m > 0).expand_as(dense)
+    torch.testing.assert_close(sparse[vis], dense[vis], atol=1e-12, rtol=1e-12)
+    assert torch.all(sparse[~vis] == 0)
+    for a, r in zip(grads_sparse, grads_dense, strict=True):
+        torch.testing.assert_close(a, r, atol=1e-12, rtol=1e-12)
+
+
+def _mae_grads(model, x, m, block_sparse: bool):
+    from s3d.nn.mae import MaskedMSELoss
+
+    model.block_sparse = block_sparse
+    model.zero_grad(set_to_none=True)
+    recon = model(x, m)
+    loss = MaskedMSELoss()(recon, x, m)
+    loss.backward()
+    return recon.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_block_sparse_mae_equals_emulation(monkeypatch):
+    """Forward, loss and every gradient (masked norm statistics included) agree with the masked dense path."""
+    import s3d.nn.blocks as blocks
+    from s3d.nn.mae import MAEModel
+
+    cfg = ResEncConfig(1, 1, (4, 6, 8), (1, 2, 1), ((1, 1, 1), (2, 2, 2), (2, 2, 2)), ((3, 3, 3),) * 3, (1, 1))
+    torch.manual_seed(0)
+    model = MAEModel(cfg).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".norm." in name:  # nnU-Net zero-inits every block's last norm: make them all count
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+    edge = (16, 16, 16)  # cells of 16 -> 8 at stage 1 (block-sparse), 4 at stage 2 (dense fallback)
+    m = _cell_mask(3, (2, 3, 2), edge, seed=2)
+    x = torch.randn(3, 1, 32, 48, 32, dtype=torch.float64)
+    calls = []
+    original = blocks.block_conv
+    monkeypatch.setattr(blocks, "block_conv",
+                        lambda conv, x, b, **kw: calls.append(b.edge) or original(conv, x, b, **kw))
+    ref = _mae_grads(model, x, m, False)
+    assert not calls
+    got = _mae_grads(model, x, m, True)
+    # stem + stage 0 (1 block, 2 convs) at edge 16, stage 1 (2 blocks, 4 convs) at edge 8; stage 2 falls back
+    assert calls == [(16, 16, 16)] * 3 + [(8, 8, 8)] * 4
+    # float64: the cell path's batch-norm statistics and the masked norm's moments round differently (~1e-12)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-10, rtol=1e-8)
+    assert got[2].keys() == ref[2].keys()
+    for name in ref[2]:
+        scale = max(ref[2][name].abs().max().item(), 1e-6)  # conv biases before a norm: ~0 gradients
+        torch.testing.assert_close(got[2][name], ref[2][name], atol=1e-8 * scale, rtol=1e-8, msg=name)
+
+
+def test_sparse_plan_falls_back_at_coarse_stages_and_reads_the_block_size():
+    from s3d.nn.sparse import infer_block_size, sparse_plan
+
+    m = _cell_mask(2, (2, 2, 2), (16, 16, 16), seed=3)
+    strides = ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+    plan = sparse_plan(stage_masks(m, strides), (16, 16, 16), strides)
+    assert [p.edge if p is not None else None for p in plan] == [(16, 16, 16), (8, 8, 8), None, None]
+    assert plan[0].index.tolist() == (m[:, 0, ::16, ::16, ::16] > 0).nonzero().tolist()
+    assert infer_block_size(m, (8, 8, 8)) == (16, 16, 16)
+    assert infer_block_size(_cell_mask(1, (4, 2, 1), (8, 16, 32), seed=4), (8, 8, 8))[:2] == (8, 16)
+
+
+def test_block_sparse_mae_under_bf16_autocast_matches_emulation():
+    from s3d.nn.mae import MAEModel
+
+    cfg = ResEncConfig(1, 1, (4, 6, 8), (1, 1, 1), ((1, 1, 1), (2, 2, 2), (2, 2, 2)), ((3, 3, 3),) * 3, (1, 1))
+    torch.manual_seed(1)
+    model = MAEModel(cfg)
+    m = _cell_mask(2, (2, 2, 2), (16, 16, 16), seed=5).float()
+    x = torch.randn(2, 1, 32, 32, 32)
+    out = {}
+    for flag in (False, True):
+        model.block_sparse = flag
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[flag] = model(x, m)
+    assert out[True].dtype == out[False].dtype
+    assert _rel_err(out[True], out[False]) < 0.02

@@ -37,12 +37,15 @@ from s3d.cli.options import (
               help="Peak learning rate (SGD, Nesterov momentum 0.99, weight decay 3e-5, PolyLR; S3D defaults).")
 @click.option("--spacing", nargs=3, type=float, default=(1.0, 1.0, 1.0), show_default=True,
               help="Voxel spacing in mm that raw image folders are resampled to (S3D: 1 1 1).")
-@click.option("--mask-ratio", default="0.75", show_default=True,
-              help="mae: fraction of masked blocks, fixed (0.75) or dynamic per sample (0.6-0.9, the S3D setting). "
-                   "simtrot/btrot: fraction of masked cells in view A (fixed).")
+@click.option("--mask-ratio", default=None,
+              help="mae: fraction of masked blocks, dynamic per sample (default 0.6-0.9, S3D's final model) or "
+                   "fixed (e.g. 0.75). simtrot/btrot: fraction of masked cells in view A (fixed, default 0.75).")
 @click.option("--mask-block", nargs=3, type=click.IntRange(min=1), default=None,
               help="mae: masked cube edge in voxels (X Y Z). Default: patch / bottleneck size, i.e. 32 for "
                    "160^3 with resenc-l (S3D); must be a multiple of the network's total stride.")
+@click.option("--block-sparse", is_flag=True,
+              help="mae: run the convs of high-resolution stages (mask cells >= 8 voxels per axis there) on "
+                   "visible cells only; same results as the default masked dense emulation.")
 @click.option("--temperature", type=float, default=0.5, show_default=True, help="simtrot: softmax temperature tau.")
 @click.option("--same-position-weight", type=float, default=5.0, show_default=True,
               help="simtrot: weight w on same-position tokens of other volumes in the denominator (1 = plain NT-Xent).")
@@ -65,7 +68,8 @@ from s3d.cli.options import (
 @cache_dir_option
 @curation_options
 def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_size: int, steps: int, lr: float,
-             spacing, mask_ratio: str, mask_block, temperature: float, same_position_weight: float,
+             spacing, mask_ratio: str | None, mask_block, block_sparse: bool, temperature: float,
+             same_position_weight: float,
              token_stage: int, ema_decay: float, flip_views: bool, no_augment: bool, seed: int, device: str,
              resume: bool,
              checkpoint_every: int, amp: str, workers, jobs: int, cache_dir, min_slices: int, min_voxels: int,
@@ -91,6 +95,9 @@ def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_
     for d in data:
         if not d.exists():
             raise S3DError(f"{d}: not found")
+    if mask_ratio is None:
+        # the default depends on the method: S3D's dynamic U[0.6, 0.9] for mae, SimTROT's fixed 75% for view A
+        mask_ratio = PretrainConfig.mask_ratio if method == "mae" else "0.75"
     if method != "mae":
         try:
             float(mask_ratio)
@@ -100,7 +107,7 @@ def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_
         method=method, arch=arch, patch_size=tuple(patch_size), batch_size=batch_size, steps=steps, lr=lr,
         spacing=tuple(spacing), seed=seed, device=device, amp=amp, checkpoint_every=checkpoint_every,
         preview_every=checkpoint_every, augment=not no_augment, mask_ratio=mask_ratio,
-        mask_block=tuple(mask_block) if mask_block else None, temperature=temperature,
+        mask_block=tuple(mask_block) if mask_block else None, block_sparse=block_sparse, temperature=temperature,
         same_position_weight=same_position_weight, token_stage=token_stage,
         view_mask_ratio=float(mask_ratio) if method != "mae" else 0.75, ema_decay=ema_decay,
         flip_views=flip_views,

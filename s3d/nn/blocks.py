@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from s3d.nn.sparse import MaskedInstanceNorm3d
+from s3d.nn.sparse import MaskedInstanceNorm3d, VisibleBlocks, block_conv, cell_instance_norm, scatter_cells
 
 __all__ = ["ConvNormAct", "StackedConvBlocks", "BasicBlockD", "StackedResidualBlocks", "init_weights"]
 
@@ -56,7 +56,16 @@ class ConvNormAct(nn.Module):
         self.nonlin = nn.LeakyReLU(NEG_SLOPE, inplace=True) if act else None
         self.stride = s
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                blocks: VisibleBlocks | None = None) -> torch.Tensor:
+        """``blocks``: the visible cells of ``mask`` when the conv may skip hidden ones (``block_conv``)."""
+        if blocks is not None and mask is not None:
+            # visible cells only, from the conv to the activation; hidden cells come back as exact zeros
+            y = cell_instance_norm(block_conv(self.conv, x, blocks, compact=True), blocks, self.norm.weight,
+                                   self.norm.bias, self.norm.eps)
+            if self.nonlin is not None:
+                y = self.nonlin(y)
+            return scatter_cells(y, blocks)
         y = self.conv(x)
         # with a mask, the masked norm zeroes the conv output's masked voxels before taking statistics and
         # leaves them at exactly 0: that is the per-conv re-masking, without a separate pass over y
@@ -80,9 +89,10 @@ class StackedConvBlocks(nn.Module):
         )
         self.output_channels = out_channels
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                blocks: VisibleBlocks | None = None) -> torch.Tensor:
         for c in self.convs:
-            x = c(x, mask)
+            x = c(x, mask, blocks)
         return x
 
 
@@ -113,12 +123,15 @@ class BasicBlockD(nn.Module):
             ops.append(ConvNormAct(in_channels, out_channels, 1, 1, bias=False, act=False))
         self.skip = nn.Sequential(*ops) if ops else None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                blocks: VisibleBlocks | None = None) -> torch.Tensor:
         residual = x
         if self.skip is not None:
             for op in self.skip:
                 residual = op(residual, mask) if isinstance(op, ConvNormAct) else op(residual)
-        out = self.conv2(self.conv1(x, mask), mask)
+        # each conv gathers its own window (halo of its kernel radius) from the full, re-masked tensor, so
+        # stacked convs need no halo growth: the previous conv's hidden outputs are exact zeros
+        out = self.conv2(self.conv1(x, mask, blocks), mask, blocks)
         # not in place: `residual` may be x itself, which autograd or the caller may still need
         out = out + residual
         return self.nonlin2(out)
@@ -138,9 +151,10 @@ class StackedResidualBlocks(nn.Module):
         )
         self.output_channels = out_channels
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                blocks: VisibleBlocks | None = None) -> torch.Tensor:
         for b in self.blocks:
-            x = b(x, mask)
+            x = b(x, mask, blocks)
         return x
 
 

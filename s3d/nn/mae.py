@@ -52,6 +52,11 @@ class MAEModel(nn.Module):
     ``encoder.stages.*``) are exactly those of ``ResEncUNet(cfg)``: transfer is a key filter.
     """
 
+    # block-sparse high-resolution stages (``s3d.nn.sparse.block_conv``): the emulation's results, computed on
+    # visible cells only; block_size None means "read it off the mask"
+    block_sparse: bool = False
+    block_size: tuple[int, int, int] | None = None
+
     def __init__(self, cfg: ResEncConfig) -> None:
         super().__init__()
         from s3d.nn.resenc import ResEncEncoder, UNetDecoder
@@ -77,35 +82,51 @@ class MAEModel(nn.Module):
         dec_cfg = dataclasses.replace(cfg, deep_supervision=False) if dataclasses.is_dataclass(cfg) else cfg
         self.decoder = UNetDecoder(dec_cfg, num_classes=1)
 
-    def fill_and_densify(self, skips: list[torch.Tensor], mask: torch.Tensor | None) -> list[torch.Tensor]:
-        """Replace masked positions of every skip with its stage's mask token, then densify."""
+    def fill_and_densify(self, skips: list[torch.Tensor], mask: torch.Tensor | None,
+                         masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Fill every skip's masked positions with its stage's mask token, then densify.
+
+        ``masks``: the per-stage masks (``stage_masks(mask, self.strides)``) if already computed. The sparse
+        encoder leaves masked positions at exactly 0, so filling is ``skip + token * (1 - m)`` in one pass.
+        """
         if mask is None:
-            masks: list[torch.Tensor | None] = [None] * len(skips)
-        else:
+            return [densify(skip) for skip, densify in zip(skips, self.densify, strict=True)]
+        if masks is None:
             from s3d.nn.sparse import stage_masks
 
-            masks = list(stage_masks(mask, self.strides))
+            masks = stage_masks(mask, self.strides, dtype=skips[0].dtype)
         out = []
         for skip, m, token, densify in zip(skips, masks, self.mask_tokens, self.densify, strict=True):
-            if m is not None:
-                m = m.to(device=skip.device, dtype=skip.dtype)
-                # re-multiplying by m is a no-op for a correct sparse encoder and a guard otherwise
-                skip = skip * m + token.to(skip.dtype) * (1.0 - m)
-            out.append(densify(skip))
+            hidden = 1.0 - m.to(device=skip.device, dtype=skip.dtype)  # (B,1,...): 1/C of the skip's size
+            out.append(densify(torch.addcmul(skip, hidden, token.to(skip.dtype))))
         return out
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is not None:
-            if mask.shape[0] != x.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != x.shape[2:]:
-                raise ValueError(f"MAEModel: mask shape {tuple(mask.shape)} does not fit input {tuple(x.shape)}")
-            mask = mask.to(device=x.device, dtype=x.dtype)
-            # zero the hidden voxels before the first conv so nothing of them can leak into visible outputs
-            x = x * mask
-        skips = self.encoder(x, mask)
-        recon = self.decoder(self.fill_and_densify(list(skips), mask))
-        if isinstance(recon, (list, tuple)):
-            recon = recon[0]
-        return recon
+        if mask is None:
+            return self._decode(self.decoder(self.fill_and_densify(list(self.encoder(x)), None)))
+        if mask.shape[0] != x.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != x.shape[2:]:
+            raise ValueError(f"MAEModel: mask shape {tuple(mask.shape)} does not fit input {tuple(x.shape)}")
+        from s3d.nn.sparse import activation_dtype, stage_masks
+
+        # one mask per stage, once per step, in the activation dtype; the encoder zeroes the hidden input
+        act = activation_dtype(x)
+        mask = mask.to(device=x.device, dtype=act)
+        masks = stage_masks(mask, self.strides, dtype=act)
+        blocks = None
+        if self.block_sparse:
+            from s3d.nn.sparse import infer_block_size, sparse_plan
+
+            total = [1, 1, 1]
+            for s in self.strides:
+                total = [t * v for t, v in zip(total, s, strict=True)]
+            block = self.block_size or infer_block_size(mask, total)
+            blocks = sparse_plan(masks, block, self.strides)
+        skips = self.encoder(x, mask, masks, blocks)
+        return self._decode(self.decoder(self.fill_and_densify(list(skips), mask, masks)))
+
+    @staticmethod
+    def _decode(recon: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        return recon[0] if isinstance(recon, (list, tuple)) else recon
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The ``encoder.*`` entries of the state dict (keys as in ``ResEncUNet``), detached."""

@@ -33,7 +33,7 @@ from torch import nn
 
 from s3d.errors import S3DError
 from s3d.nn.blocks import StackedConvBlocks, StackedResidualBlocks, init_weights
-from s3d.nn.sparse import as_float_mask, check_mask_fits, stage_masks
+from s3d.nn.sparse import VisibleBlocks, activation_dtype, as_float_mask, check_mask_fits, stage_masks
 
 __all__ = [
     "NetworkConfigError",
@@ -320,7 +320,13 @@ class ResEncEncoder(nn.Module):
         self.kernel_sizes: list[Size3] = list(cfg.kernel_sizes)
         self.apply(init_weights)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                masks: Sequence[torch.Tensor] | None = None,
+                blocks: Sequence[VisibleBlocks | None] | None = None) -> list[torch.Tensor]:
+        """``masks``: the per-stage masks ``stage_masks(mask, self.strides)`` when the caller has them
+        already (the MAE needs them again for its mask tokens); computed here otherwise.
+        ``blocks``: per stage, the visible cells where that stage's convs run block-sparse (``sparse_plan``),
+        None for stages that keep the masked dense path; the stem uses stage 0's when stage 0 has stride 1."""
         skips: list[torch.Tensor] = []
         if mask is None:
             x = self.stem(x)
@@ -329,13 +335,20 @@ class ResEncEncoder(nn.Module):
                 skips.append(x)
             return skips
         check_mask_fits(x, mask)
-        mask = as_float_mask(mask.to(x.device), x.dtype if x.is_floating_point() else None)
-        per_stage = stage_masks(mask, self.strides)
+        # masks in the dtype the convs produce (bf16 under autocast): a float32 mask would promote or convert
+        # every masked layer's activations
+        act = activation_dtype(x)
+        mask = as_float_mask(mask.to(x.device), act)
+        per_stage = list(masks) if masks is not None else stage_masks(mask, self.strides, dtype=act)
+        if len(per_stage) != len(self.stages):
+            raise ValueError(f"masks: {len(per_stage)} given, the encoder has {len(self.stages)} stages")
         # zero the hidden input first: the stem's 3x3x3 conv would otherwise carry masked intensities
         # into visible border voxels (the nnssl reference implementation skips this and leaks)
-        x = self.stem(x * mask, mask)
-        for stage, m in zip(self.stages, per_stage, strict=True):
-            x = stage(x, m)
+        per_blocks = list(blocks) if blocks is not None else [None] * len(per_stage)
+        stem_blocks = per_blocks[0] if tuple(self.strides[0]) == (1, 1, 1) else None
+        x = self.stem(x * mask, mask, stem_blocks)
+        for stage, m, bl in zip(self.stages, per_stage, per_blocks, strict=True):
+            x = stage(x, m, bl)
             skips.append(x)
         return skips
 

@@ -4,7 +4,9 @@ S3D (Wald et al. 2024, section 4a, after SparK by Tian et al. 2023): a CNN that 
 input must (1) re-apply the mask after every convolution, otherwise the receptive field erodes the
 masked regions from their borders, and (2) normalise with statistics of the visible voxels only,
 otherwise the zeros shift the mean and variance. This module provides the two pieces the encoder
-needs: the mask at each stage's resolution and an InstanceNorm that ignores masked voxels.
+needs: the mask at each stage's resolution and an InstanceNorm that ignores masked voxels; and, for
+stages whose mask cells are large, the block-sparse alternative that computes visible cells only
+(``sparse_plan``, ``block_conv``, ``cell_instance_norm``, ``scatter_cells``) with the same results.
 
 A mask is a ``(B, 1, i, j, k)`` float or bool tensor at input resolution, 1 = visible, 0 = masked.
 """
@@ -17,12 +19,20 @@ import torch
 from torch import nn
 
 __all__ = [
+    "activation_dtype",
     "stage_masks",
     "masked_instance_norm",
     "masked_instance_norm_reference",
     "MaskedInstanceNorm3d",
     "as_float_mask",
     "check_mask_fits",
+    "MIN_SPARSE_BLOCK",
+    "VisibleBlocks",
+    "block_conv",
+    "scatter_cells",
+    "cell_instance_norm",
+    "infer_block_size",
+    "sparse_plan",
 ]
 
 
@@ -42,11 +52,21 @@ def _stride3(s: int | Sequence[int]) -> tuple[int, int, int]:
     return t  # type: ignore[return-value]
 
 
-def stage_masks(mask: torch.Tensor, strides: Sequence[int | Sequence[int]], check: bool = True) -> list[torch.Tensor]:
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype convolutions of ``x`` produce: the autocast dtype when autocast is on, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.is_floating_point() else torch.float32
+
+
+def stage_masks(mask: torch.Tensor, strides: Sequence[int | Sequence[int]], check: bool = True,
+                dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """The mask at the output resolution of every encoder stage.
 
     mask: (B,1,i,j,k) at input resolution, 1 = visible. strides: per-stage strides (stage 0 first).
-    Returns one (B,1,i/c0,j/c1,k/c2) floating mask per stage, where c is the stage's cumulative stride.
+    Returns one (B,1,i/c0,j/c1,k/c2) floating mask per stage, where c is the stage's cumulative stride,
+    in ``dtype`` (default: the mask's floating dtype, float32 for bool masks). Pass the activation dtype
+    (``activation_dtype``) so that no layer has to convert, or promote, per use.
 
     Downsampling takes one voxel per stride block. That is exact only when the mask is constant
     within every block of the total (cumulative) stride, i.e. the masking block size is a multiple of
@@ -56,7 +76,7 @@ def stage_masks(mask: torch.Tensor, strides: Sequence[int | Sequence[int]], chec
     """
     if mask.ndim != 5 or mask.shape[1] != 1:
         raise ValueError(f"mask shape {tuple(mask.shape)}: expected (B, 1, i, j, k)")
-    m = as_float_mask(mask)
+    m = as_float_mask(mask, dtype)
     cums: list[tuple[int, int, int]] = []
     acc = (1, 1, 1)
     for s in strides:
@@ -133,66 +153,102 @@ def masked_instance_norm_reference(
     return y.to(x.dtype)
 
 
-class _MaskedInstanceNorm(torch.autograd.Function):
-    """Fused masked InstanceNorm for a (B,1,...) mask with a hand-written backward.
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and per-channel coefficients: float32 for half-precision activations, else their own dtype."""
+    return torch.promote_types(dtype, torch.float32)
 
-    Per-(sample, channel) sums over visible voxels are batched dot products (``bmm``), which read the
-    tensor once and allocate nothing full-sized; only the masked, centred input ``d`` is kept for the
-    backward (the same memory as the input that ``F.instance_norm`` keeps). With ``xhat = d * rstd`` over
-    the n visible voxels, the backward is the usual normalisation one restricted to them:
-    ``dx = m * w * rstd * (g - sum(g)/n - xhat * sum(g * xhat)/n)``, ``dw = sum(g * xhat)``, ``db = sum(g)``.
+
+def _channel_affine(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+    """``x * scale + shift`` per row of x (R, V) in one pass, with float32 coefficients even for a bf16 x.
+
+    The inference-mode batch-norm kernel is exactly a per-channel affine map that takes float32 parameters
+    with a half-precision input (math in float32, output in x's dtype); a broadcast ``addcmul`` would
+    either round the coefficients to bf16 or promote the whole output to float32.
+    """
+    r = x.shape[0]
+    acc = _stat_dtype(x.dtype)
+    zero = torch.zeros(r, dtype=acc, device=x.device)
+    one = torch.ones(r, dtype=acc, device=x.device)
+    return torch.ops.aten.native_batch_norm(x.view(1, r, -1), scale, shift, zero, one, False, 0.0, 0.0)[0].view_as(x)
+
+
+class _MaskedInstanceNorm(torch.autograd.Function):
+    """Masked InstanceNorm for a (B,1,...) mask with a hand-written backward, as cheap as a plain one.
+
+    Everything full-sized stays in the activation dtype (bf16 under autocast); only per-(sample, channel)
+    numbers are float32. Statistics come from the native batch-norm kernels, which accumulate a
+    half-precision input in float32 (double for float32) in one read:
+    - forward: ``xm = x * m`` (exact: m is 0/1), mean and variance of xm over all V voxels, converted to the
+      visible-voxel ones (``xm`` is 0 on the ``V - n`` hidden voxels), then one fused affine pass and the mask;
+    - backward: ``sum(g)`` and ``sum(g * (x - mean))`` over visible voxels in one native reduction, then
+      ``dx = m * (w * rstd * g + c_x * xm + c_0)``, the usual normalisation backward restricted to the n
+      visible voxels, with per-channel ``c_x``, ``c_0``.
+    Only ``xm`` is kept for the backward (``F.instance_norm`` keeps its input, the same size).
+    The variance from all-voxel moments is ``(var_all + mean_all^2) / f - (mean_all / f)^2`` with f = n / V:
+    it cancels only when |mean| >> std by ~eps * mean^2 / std^2 (float64 for the conversion, the moments
+    themselves from the two-pass/Welford kernel), far below bf16 resolution and 1e-6 for typical conv outputs.
     """
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, eps):  # noqa: ANN001, ANN205
         b, c = x.shape[:2]
         v = x[0, 0].numel()
-        stat = (b, c) + (1,) * (x.ndim - 2)  # per-(sample, channel) statistics, broadcastable over voxels
-        acc = torch.promote_types(x.dtype, torch.float32)
+        acc = _stat_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            xf = x.to(acc)
-            m = mask.to(device=x.device, dtype=acc)
-            n = m.reshape(b, v).sum(dim=1).clamp_min(1.0).reshape((b, 1) + stat[2:])
+            m = mask.to(device=x.device, dtype=x.dtype).reshape(b, 1, v)
             # the conv output's masked voxels are dropped here: S3D's "re-mask after every conv"
-            mean = torch.bmm(xf.reshape(b, c, v), m.reshape(b, v, 1)).reshape(stat) / n
-            # two-pass variance: E[x^2] - mean^2 cancels badly when |mean| >> std
-            d = (xf - mean).mul_(m)
-            dd = d.reshape(b * c, 1, v)
-            var = torch.bmm(dd, dd.transpose(1, 2)).reshape(stat) / n
+            xm = (x.reshape(b, c, v) * m).reshape(b * c, v)
+            mean_all = torch.zeros(b * c, dtype=acc, device=x.device)
+            var_all = torch.ones(b * c, dtype=acc, device=x.device)
+            # training mode with momentum 1 writes the batch mean and the unbiased variance into the buffers
+            torch.ops.aten.native_batch_norm(xm.view(1, b * c, v), None, None, mean_all, var_all, True, 1.0, 0.0)
+            n = m.reshape(b, v).sum(dim=1, dtype=torch.float64)
+            f = (n / v).clamp_min(1.0 / v).repeat_interleave(c)
+            mu_a = mean_all.double()
+            var_a = var_all.double() * ((v - 1) / v) if v > 1 else torch.zeros_like(mu_a)
+            mean = mu_a / f
+            var = ((var_a + mu_a.square()) / f - mean.square()).clamp_min(0.0)
             rstd = torch.rsqrt(var + eps)
-            wv = None if weight is None else weight.to(acc).reshape((1, c) + stat[2:])
-            scale = rstd if wv is None else rstd * wv
-            if bias is None:
-                y = d * scale  # d is zero at masked voxels already
-            else:
-                y = torch.addcmul(bias.to(acc).reshape((1, c) + stat[2:]), d, scale).mul_(m)
-        ctx.save_for_backward(d, m, n, rstd, wv)
-        ctx.in_dtype = x.dtype
+            w = None if weight is None else weight.to(acc).repeat(b)
+            bb = None if bias is None else bias.to(acc).repeat(b)
+            y = torch.ops.aten.native_batch_norm(
+                xm.view(1, b * c, v), w, bb, mean.to(acc), var.to(acc), False, 0.0, float(eps))[0]
+            y = y.view(b, c, v).mul_(m)
+        ctx.save_for_backward(xm, m, mean.to(acc), rstd, n, None if weight is None else weight.to(acc))
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.to(x.dtype)
+        # not a view: autograd forbids in-place ops (the LeakyReLU) on views created inside a Function
+        return torch.ops.aten._unsafe_view(y, x.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        d, m, n, rstd, wv = ctx.saved_tensors
-        b, c = d.shape[:2]
-        v = d[0, 0].numel()
-        stat = rstd.shape
-        with torch.autocast(d.device.type, enabled=False):
-            g = grad_out.to(d.dtype)
-            sum_g = torch.bmm(g.reshape(b, c, v), m.reshape(b, v, 1)).reshape(stat)  # visible voxels only
-            sum_gd = torch.bmm(g.reshape(b * c, 1, v), d.reshape(b * c, v, 1)).reshape(stat)
+        xm, m, mean, rstd, n, weight = ctx.saved_tensors
+        b = m.shape[0]
+        bc, v = xm.shape
+        c = bc // b
+        acc = mean.dtype
+        with torch.autocast(xm.device.type, enabled=False):
+            gm = (grad_out.to(xm.dtype).reshape(b, c, v) * m).reshape(bc, v)
+            ones = torch.ones(bc, dtype=acc, device=xm.device)
+            # grad_weight of the native reduction with invstd 1 is sum(g * (x - mean)), grad_bias is sum(g);
+            # both over visible voxels because gm is 0 elsewhere
+            _, s_gd, s_g = torch.ops.aten.native_batch_norm_backward(
+                gm.view(1, bc, v), xm.view(1, bc, v), ones, None, None, mean, ones, True, 0.0, [False, True, True])
+            s_gd, s_g = s_gd.double(), s_g.double()
             grad_w = grad_b = grad_x = None
             if ctx.weight_dtype is not None and ctx.needs_input_grad[2]:
-                grad_w = (sum_gd * rstd).sum(dim=0).reshape(c).to(ctx.weight_dtype)
+                grad_w = (s_gd * rstd).view(b, c).sum(dim=0).to(ctx.weight_dtype)
             if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-                grad_b = sum_g.sum(dim=0).reshape(c).to(ctx.bias_dtype)
+                grad_b = s_g.view(b, c).sum(dim=0).to(ctx.bias_dtype)
             if ctx.needs_input_grad[0]:
-                a = rstd if wv is None else rstd * wv
-                coef_d = -a * rstd.square() * sum_gd / n
-                coef_1 = -a * sum_g / n
-                grad_x = (g * a).addcmul_(d, coef_d).add_(coef_1).mul_(m).to(ctx.in_dtype)
+                nn_ = n.clamp_min(1.0).repeat_interleave(c)
+                a = rstd if weight is None else rstd * weight.double().repeat(b)
+                c_x = -a * rstd.square() * s_gd / nn_
+                c_0 = -a * s_g / nn_ - c_x * mean.double()
+                grad_x = _channel_affine(xm, c_x.to(acc), c_0.to(acc))
+                grad_x.add_(_channel_affine(gm, a.to(acc), None))
+                grad_x = grad_x.view(b, c, v).mul_(m).view(grad_out.shape)
         return grad_x, None, grad_w, grad_b, None
 
 
@@ -219,3 +275,172 @@ def check_mask_fits(x: torch.Tensor, mask: torch.Tensor) -> None:
     if mask.ndim != 5 or mask.shape[0] != x.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != x.shape[2:]:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not fit input {tuple(x.shape)}: expected "
                          f"({x.shape[0]}, 1, {', '.join(str(s) for s in x.shape[2:])})")
+
+
+# ---------------------------------------------------------------------------------------------- block sparsity
+
+# Below this cell edge (voxels at a stage's resolution) a gathered cell is mostly halo: a 3x3x3 conv reads
+# (b+2)^3 / b^3 = 3.4x the cell's voxels for b = 4, 1.95x for b = 8, 1.42x for b = 16 (plus per-cell copies),
+# so coarse stages keep the masked dense path (issue 16: "e.g. >= 8^3 voxels at that stage's resolution").
+MIN_SPARSE_BLOCK = 8
+
+
+class VisibleBlocks:
+    """The visible cells of a block mask at one stage: ``edge`` (voxels per cell and axis at the stage's
+    resolution), ``grid`` (cells per axis), ``batch`` and ``index`` (N, 4) int64 rows (sample, ci, cj, ck)."""
+
+    def __init__(self, mask: torch.Tensor, edge: Sequence[int]) -> None:
+        self.edge = tuple(int(e) for e in edge)
+        self.batch = int(mask.shape[0])
+        coarse = mask[:, 0, :: self.edge[0], :: self.edge[1], :: self.edge[2]]
+        self.grid = tuple(int(g) for g in coarse.shape[1:])
+        if any(g * e != s for g, e, s in zip(self.grid, self.edge, mask.shape[2:], strict=True)):
+            raise ValueError(f"block edge {self.edge} does not tile the mask's shape {tuple(mask.shape[2:])}")
+        self.index = (coarse > 0).nonzero()  # sample-major: the cells of one sample are consecutive
+        self._cells: list[tuple[int, int, int, int]] | None = None
+        self._ranges: list[tuple[int, int]] | None = None
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """Per sample, the [start, end) rows of its cells in ``index`` (empty for an all-hidden sample)."""
+        if self._ranges is None:
+            counts = torch.bincount(self.index[:, 0], minlength=self.batch).tolist()
+            ends = [sum(counts[: i + 1]) for i in range(self.batch)]
+            self._ranges = [(e - c, e) for e, c in zip(ends, counts, strict=True)]
+        return self._ranges
+
+    def cells(self) -> list[tuple[int, int, int, int]]:
+        """``index`` as Python tuples (one device sync, at first use)."""
+        if self._cells is None:
+            self._cells = [tuple(r) for r in self.index.tolist()]
+        return self._cells
+
+
+def _clip(start: int, size: int, n: int) -> tuple[slice, slice]:
+    """Source slice in [0, n) and destination slice in [0, size) of a window [start, start + size)."""
+    lo, hi = max(start, 0), min(start + size, n)
+    return slice(lo, hi), slice(lo - start, hi - start)
+
+
+class _GatherWindows(torch.autograd.Function):
+    """Copy windows ``x[b, :, i0:i0+wi, j0:j0+wj, k0:k0+wk]`` into a batch (zeros outside the volume: the
+    conv's zero padding). Backward adds every window's gradient back into place, overlapping halos included:
+    one zero-filled tensor and N small in-place adds, where the autograd of slicing or of ``unfold`` would
+    materialise or re-read full-size tensors per window."""
+
+    @staticmethod
+    def forward(ctx, x, starts, win):  # noqa: ANN001, ANN205
+        cells = x.new_zeros((len(starts), x.shape[1]) + tuple(win))
+        spatial = x.shape[2:]
+        regions = []
+        for n, (b, *st) in enumerate(starts):
+            (si, di), (sj, dj), (sk, dk) = (_clip(a, w, m) for a, w, m in zip(st, win, spatial, strict=True))
+            cells[n, :, di, dj, dk] = x[b, :, si, sj, sk]
+            regions.append((b, si, sj, sk, di, dj, dk))
+        ctx.regions, ctx.shape = regions, x.shape
+        return cells
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        gx = grad.new_zeros(ctx.shape)
+        for n, (b, si, sj, sk, di, dj, dk) in enumerate(ctx.regions):
+            gx[b, :, si, sj, sk] += grad[n, :, di, dj, dk]
+        return gx, None, None
+
+
+class _ScatterCells(torch.autograd.Function):
+    """Place cell n of ``y`` (N, C, ei, ej, ek) at ``(b, i0, j0, k0)`` of a zero (B, C, *spatial) tensor."""
+
+    @staticmethod
+    def forward(ctx, y, starts, shape):  # noqa: ANN001, ANN205
+        out = y.new_zeros(shape)
+        e = y.shape[2:]
+        slices = [(b, slice(i, i + e[0]), slice(j, j + e[1]), slice(k, k + e[2])) for b, i, j, k in starts]
+        for n, (b, si, sj, sk) in enumerate(slices):
+            out[b, :, si, sj, sk] = y[n]
+        ctx.slices, ctx.y_shape = slices, y.shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        gy = grad.new_empty(ctx.y_shape)
+        for n, (b, si, sj, sk) in enumerate(ctx.slices):
+            gy[n] = grad[b, :, si, sj, sk]
+        return gy, None, None
+
+
+def block_conv(conv: nn.Conv3d, x: torch.Tensor, blocks: VisibleBlocks, compact: bool = False) -> torch.Tensor:
+    """``conv(x)`` at the voxels of visible output cells, 0 elsewhere, computing only those cells.
+
+    Each visible cell's input window (its receptive field: ``(edge - 1) * stride + kernel`` voxels per axis,
+    i.e. the cell plus a halo of the kernel radius; zeros beyond the volume as the conv's padding) is
+    gathered into a batch, convolved densely without padding and scattered back. Outputs at visible voxels
+    equal the dense conv's, and so do the gradients they send to inputs and weights; hidden outputs are 0
+    instead of the dense values, which the masked norm that follows drops anyway. Stacked convs need no
+    halo growth: each gathers from the full, re-masked output of the previous one.
+    x: (B, C, ...) at the conv's input resolution, zero at hidden voxels. ``compact``: return the visible
+    cells (N, C', *edge) in ``blocks.index`` order instead of scattering them (``scatter_cells``).
+    """
+    k, s, p = conv.kernel_size, conv.stride, conv.padding
+    if isinstance(p, str) or any(d != 1 for d in conv.dilation) or conv.groups != 1:
+        raise ValueError("block_conv: needs numeric padding, dilation 1 and groups 1")
+    e = blocks.edge
+    win = tuple((ei - 1) * si + ki for ei, si, ki in zip(e, s, k, strict=True))
+    cells = blocks.cells()
+    in_starts = [(b, i * e[0] * s[0] - p[0], j * e[1] * s[1] - p[1], q * e[2] * s[2] - p[2]) for b, i, j, q in cells]
+    y = torch.nn.functional.conv3d(_GatherWindows.apply(x, in_starts, win), conv.weight, conv.bias, s, 0)
+    return y if compact else scatter_cells(y, blocks)
+
+
+def scatter_cells(y: torch.Tensor, blocks: VisibleBlocks) -> torch.Tensor:
+    """Visible cells (N, C, *edge) back into a (B, C, *spatial) tensor that is 0 in hidden cells."""
+    e = blocks.edge
+    starts = [(b, i * e[0], j * e[1], q * e[2]) for b, i, j, q in blocks.cells()]
+    shape = (blocks.batch, y.shape[1]) + tuple(g * ei for g, ei in zip(blocks.grid, e, strict=True))
+    return _ScatterCells.apply(y, starts, shape)
+
+
+def cell_instance_norm(y: torch.Tensor, blocks: VisibleBlocks, weight: torch.Tensor | None,
+                       bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``masked_instance_norm`` on visible cells (N, C, *edge): every voxel of a visible cell is visible, so a
+    sample's visible voxels are exactly its cells, and batch norm over them (statistics per channel over the
+    cells and their voxels) is that sample's masked instance norm. Native kernels, no mask pass."""
+    parts = [torch.nn.functional.batch_norm(y[lo:hi], None, None, weight, bias, True, 0.0, eps)
+             for lo, hi in blocks.ranges() if hi > lo]
+    if not parts:
+        return y
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def infer_block_size(mask: torch.Tensor, multiple_of: Sequence[int] = (1, 1, 1)) -> tuple[int, int, int]:
+    """The largest cell edge per axis (a multiple of ``multiple_of`` dividing the shape) within which
+    ``mask`` (B,1,i,j,k) is constant: the masking block size, recovered from the mask itself."""
+    out = []
+    for ax, (n, mult) in enumerate(zip(mask.shape[2:], multiple_of, strict=True)):
+        best = 1
+        for e in sorted((d for d in range(int(mult), n + 1, int(mult)) if n % d == 0), reverse=True):
+            shape = list(mask.shape[:2]) + [int(v) for v in mask.shape[2:]]
+            shape[2 + ax: 3 + ax] = [n // e, e]
+            cells = mask.reshape(shape)
+            if torch.equal(cells.amax(dim=3 + ax), cells.amin(dim=3 + ax)):
+                best = e
+                break
+        out.append(best)
+    return tuple(out)  # type: ignore[return-value]
+
+
+def sparse_plan(masks: Sequence[torch.Tensor], block: Sequence[int], strides: Sequence[Sequence[int]],
+                min_edge: int = MIN_SPARSE_BLOCK) -> list[VisibleBlocks | None]:
+    """Per stage: the visible cells where that stage's cells are at least ``min_edge`` voxels per axis
+    (block-sparse convs pay there), None where the stage keeps the masked dense path.
+
+    masks: per-stage masks (``stage_masks``); block: the masking cell edge at input resolution.
+    """
+    out: list[VisibleBlocks | None] = []
+    cum = (1, 1, 1)
+    for m, s in zip(masks, strides, strict=True):
+        cum = tuple(a * int(b) for a, b in zip(cum, _stride3(s), strict=True))  # type: ignore[assignment]
+        edge = [b // c if b % c == 0 else 0 for b, c in zip(block, cum, strict=True)]
+        out.append(VisibleBlocks(m, edge) if min(edge) >= min_edge else None)
+    return out

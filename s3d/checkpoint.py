@@ -71,8 +71,13 @@ def save_tensors(
 
 
 def tensors_metadata(path: str | Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except FileNotFoundError:
+        raise S3DError(f"{path}: file not found") from None
+    except Exception as e:  # safetensors raises its own error types for truncated/foreign files
+        raise S3DError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -82,7 +87,7 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     try:
         return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own error types for truncated/foreign files
-        raise S3DError(f"{path}: not a readable safetensors file ({e})") from None
+        raise S3DError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
 
 
 def save_model(directory: str | Path, state_dict: Mapping[str, torch.Tensor], config: dict) -> None:

@@ -272,3 +272,47 @@ def test_fov_reason_defaults_and_errors():
         fov_reason((1, 2), (1, 2, 3))
     with pytest.raises(ValueError):
         fov_reason((1, 2, 3), (1, 2, 3), min_axes=0)
+
+
+# ------------------------------------------------------------------ sizes on the grid after resampling
+
+
+def test_every_real_volume_keeps_enough_voxels_after_resampling_to_1mm(unlabeled_dir, hippocampus_dir, edge_cases_dir):
+    from s3d.data.corpus_preprocess import CORPUS_SPACING
+
+    files = sorted(unlabeled_dir.glob("*.nii.gz")) + sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[:20]
+    files += [edge_cases_dir / "bigendian_int16_anatomical.nii", edge_cases_dir / "reoriented_anat_moved.nii"]
+    for f in files:
+        assert header_reason(f, target_spacing=CORPUS_SPACING) is None, f.name
+
+
+@pytest.mark.parametrize("zoom,reason", [
+    (1e-6, "only 1 slices along axis 0 after resampling to (1, 1, 1) mm (shape (35, 51, 32) at spacing "
+           "(1e-06, 1e-06, 1e-06) mm -> (1, 1, 1)), fewer than min_slices 8"),
+    (0.3, "only 1650 voxels after resampling to (1, 1, 1) mm (shape (35, 51, 32) at spacing (0.3, 0.3, 0.3) mm "
+          "-> (11, 15, 10)), fewer than min_voxels 4096"),
+])
+def test_a_volume_that_resampling_shrinks_below_the_limits_is_skipped(unlabeled_dir, tmp_path, zoom, reason):
+    img = _real(unlabeled_dir)
+    tiny = _save(tmp_path, "tiny.nii.gz", np.asarray(img.dataobj), img, zooms=(zoom,) * 3)
+    assert header_reason(tiny) is None  # its own grid is a normal 35 x 51 x 32 volume
+    assert header_reason(tiny, target_spacing=(1.0, 1.0, 1.0)) == reason
+    assert header_reason(tiny, target_spacing=(zoom,) * 3) is None
+
+
+def test_the_corpus_judges_the_resampled_grid_before_reading_voxels(unlabeled_dir, tmp_path, monkeypatch):
+    import s3d.data.curation as curation
+    from s3d.data.corpus import CorpusImage
+    from s3d.data.corpus_preprocess import preprocess_corpus
+
+    img = _real(unlabeled_dir)
+    tiny = _save(tmp_path, "tiny.nii.gz", np.asarray(img.dataobj), img, zooms=(1e-6,) * 3)
+
+    def no_voxels(path):
+        raise AssertionError(f"{path}: voxels read although the header decides")
+
+    monkeypatch.setattr(curation, "read_image", no_voxels)
+    report = preprocess_corpus([CorpusImage("tiny", tiny)], tmp_path / "store", patch_size=(32, 32, 32))
+    assert report.written == 0 and len(report.skipped) == 1
+    assert report.skipped[0]["reason"].startswith("only 1 slices along axis 0 after resampling to (1, 1, 1) mm")
+    assert not list((tmp_path / "store" / "cases").glob("tiny.b2nd"))

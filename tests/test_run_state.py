@@ -236,3 +236,43 @@ def test_a_pair_from_s3d_0_4_killed_between_its_renames_is_named(tmp_path):
     (tmp_path / "state.json").write_text(json.dumps({"step": 4, "optimizer": {"state": {}, "param_groups": []}}))
     with pytest.raises(S3DError, match="disagree on the step"):
         find_training_state(tmp_path)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("steps", "1000", "an integer"),
+    ("lr", True, "a number or null"),
+    ("patch_size", [64, 64], "a list of 3 integers or null"),
+    ("spacing", [1, "a", 1], "a list of 3 numbers or a string or null"),
+    ("deep_supervision", "false", "true/false"),
+    ("extra", [], "an object"),
+])
+def test_an_edited_settings_value_of_the_wrong_type_is_named_on_resume(hippocampus_dir, tmp_path, capsys, key, value,
+                                                                         expected):
+    from dataclasses import asdict
+
+    from s3d.cli import main
+    from s3d.train.finetune import FinetuneConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = json.loads(json.dumps(asdict(FinetuneConfig(spacing=(1.0, 1.0, 1.0)))))
+    (run / "finetune.json").write_text(json.dumps({**saved, key: value}))
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", str(hippocampus_dir), str(run), "--resume", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0
+    assert err == (f"s3d: error: {run / 'finetune.json'}: setting {key!r} must be {expected}, got "
+                   f"{json.dumps(value)} (edited?)")
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["finetune.json"]
+
+
+def test_saved_settings_round_trip_with_their_tuples():
+    from dataclasses import asdict
+
+    from s3d.train.finetune import FinetuneConfig
+    from s3d.train.run_folder import settings_from_saved
+
+    cfg = FinetuneConfig(patch_size=(32, 48, 32), warmup_steps=(5, 5), spacing=(1.0, 1.0, 2.0))
+    back = settings_from_saved(FinetuneConfig, json.loads(json.dumps(asdict(cfg))), Path("finetune.json"))
+    assert back == cfg and isinstance(back.patch_size, tuple)
+    assert settings_from_saved(FinetuneConfig, {"spacing": "median", "lr": 1}, Path("f")).lr == 1

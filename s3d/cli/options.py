@@ -63,10 +63,11 @@ def curation_options(f: click.decorators.FC, fov: bool = True) -> click.decorato
     d = CurationConfig()
     opts = [
         click.option("--min-slices", type=click.IntRange(min=1), default=d.min_slices, show_default=True,
-                     help="Corpus: skip a file with fewer voxels than this along any axis (localizer / scout-like "
-                          "series)."),
+                     help="Corpus: skip a file with fewer voxels than this along any axis, on its own grid or after "
+                          "resampling to the target spacing (localizer / scout-like series)."),
         click.option("--min-voxels", type=click.IntRange(min=1), default=d.min_voxels, show_default=True,
-                     help="Corpus: skip a file with fewer voxels than this in all (original grid)."),
+                     help="Corpus: skip a file with fewer voxels than this in all, on its own grid or after "
+                          "resampling to the target spacing."),
         click.option("--max-spacing", type=click.FloatRange(min=0, min_open=True), default=d.max_spacing,
                      show_default=True,
                      help="Corpus: skip a file whose voxel spacing is coarser than this (mm) along any axis."),

@@ -127,9 +127,9 @@ def _corpus_one(args: tuple) -> tuple[str, str, str | None]:
         if stamp[0][1] is None:  # no size: stat failed
             reason = f"{image.path}: file not found"
         else:
-            reason, data, geometry = check_file(image.path, cfg)
-        if reason is None:
             plan = Plan.from_dict(plan_dict)
+            reason, data, geometry = check_file(image.path, cfg, plan.target_spacing)
+        if reason is None:
             out, _, props = preprocess_case(data[None], geometry, plan)
             del data
             props.pop("class_locations")

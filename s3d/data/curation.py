@@ -41,7 +41,9 @@ SPACING_RTOL = 1e-3
 
 @dataclass
 class CurationConfig:
-    """Thresholds for skipping a file; all measured on the file's own voxel grid, before resampling.
+    """Thresholds for skipping a file. min_slices and min_voxels hold on the file's own voxel grid and,
+    when the caller gives a target spacing, on the grid after resampling to it as well: a header with
+    a 1e-6 mm spacing describes a volume that resampling to 1 mm turns into a single voxel.
 
     The defaults keep every real volume in shared/data (0.43 x 0.43 x 6.5 mm clinical brain
     series, 19-slice prostate MR, 1 mm hippocampus crops of 24+ slices, CT at 1.5 and 3 mm).
@@ -106,7 +108,8 @@ def _fmt(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
-def _header_problem(h: ImageHeader, cfg: CurationConfig) -> str | None:
+def _header_problem(h: ImageHeader, cfg: CurationConfig, target_spacing: Sequence[float] | None = None
+                    ) -> str | None:
     if h.components != 1:
         return f"{h.components} components per voxel (RGB/vector image), not one scalar volume"
     if h.spatial_shape is None:
@@ -137,19 +140,34 @@ def _header_problem(h: ImageHeader, cfg: CurationConfig) -> str | None:
     voxels = int(np.prod(shape, dtype=np.int64))
     if voxels < cfg.min_voxels:
         return f"only {voxels} voxels (shape {shape}), fewer than min_voxels {cfg.min_voxels}"
+    if target_spacing is None:
+        return None
+    from s3d.data.resample import shape_for_spacing
+
+    target = tuple(float(t) for t in target_spacing)
+    grid = shape_for_spacing(shape, spacing, target)
+    where = f"after resampling to {_fmt(target)} mm (shape {shape} at spacing {_fmt(spacing)} mm -> {grid})"
+    axis = int(np.argmin(grid))
+    if grid[axis] < cfg.min_slices:
+        return f"only {grid[axis]} slices along axis {axis} {where}, fewer than min_slices {cfg.min_slices}"
+    voxels = int(np.prod(grid, dtype=np.int64))
+    if voxels < cfg.min_voxels:
+        return f"only {voxels} voxels {where}, fewer than min_voxels {cfg.min_voxels}"
     return None
 
 
-def header_reason(path: str | Path, cfg: CurationConfig | None = None) -> str | None:
+def header_reason(path: str | Path, cfg: CurationConfig | None = None,
+                  target_spacing: Sequence[float] | None = None) -> str | None:
     """Why the file should be skipped judging by its header alone (no voxels read), or None.
 
     Unreadable header, not one 3-D scalar volume, complex voxels, an uncompressed file shorter than
     its header declares, bad spacing, spacing coarser than cfg.max_spacing, fewer than
-    cfg.min_slices along an axis, fewer than cfg.min_voxels voxels.
+    cfg.min_slices along an axis, fewer than cfg.min_voxels voxels; the last two also on the grid
+    after resampling to `target_spacing` (mm per axis), when given.
     """
     cfg = cfg or CurationConfig()
     try:
-        return _header_problem(read_header(path), cfg)
+        return _header_problem(read_header(path), cfg, target_spacing)
     except S3DError as e:
         return _line(e)
     except MemoryError:
@@ -179,16 +197,17 @@ def array_reason(data: np.ndarray, path: str | Path | None = None, cfg: Curation
     return None
 
 
-def check_file(path: str | Path, cfg: CurationConfig | None = None
+def check_file(path: str | Path, cfg: CurationConfig | None = None, target_spacing: Sequence[float] | None = None
                ) -> tuple[str | None, np.ndarray | None, Geometry | None]:
-    """(reason, data, geometry): the header checks, then read_image, then the voxel checks.
+    """(reason, data, geometry): the header checks (on the resampled grid too, given `target_spacing`),
+    then read_image, then the voxel checks.
 
     data is float32 (i, j, k) as read_image gives it; data and geometry are None when the file is
     skipped (reason not None). A reader error (e.g. a truncated .nii.gz, whose gzip stream ends
     early) becomes the reason, in the reader's own one-line words.
     """
     cfg = cfg or CurationConfig()
-    reason = header_reason(path, cfg)
+    reason = header_reason(path, cfg, target_spacing)
     if reason is not None:
         return reason, None, None
     try:

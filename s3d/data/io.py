@@ -12,7 +12,8 @@ import contextlib
 import gzip
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -24,6 +25,25 @@ from nibabel.volumeutils import array_to_file
 
 from s3d.errors import S3DError
 from s3d.files import atomic_path  # noqa: F401 - part of this module's API (docs/design.md)
+
+# The file being read or written, for whoever reports a library's messages: nibabel logs "pixdim[1,2,3]
+# should be non-zero; setting 0 dims to 1" without naming the file (the CLI adds it, s3d.cli.main).
+# A ContextVar, so that threads and nested reads each see their own file.
+_CURRENT_FILE: ContextVar[str | None] = ContextVar("s3d_current_file", default=None)
+
+
+def current_file() -> str | None:
+    """The image file s3d.data.io is reading or writing in this thread now, or None."""
+    return _CURRENT_FILE.get()
+
+
+@contextlib.contextmanager
+def _working_on(path: str | Path) -> Iterator[None]:
+    token = _CURRENT_FILE.set(str(path))
+    try:
+        yield
+    finally:
+        _CURRENT_FILE.reset(token)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -241,14 +261,15 @@ def _dispatch(path: str | Path, with_nibabel: Callable[[Path], _T], with_sitk: C
         raise S3DError(f"{path}: is a folder, expected an image file")
     suffix = _suffix(path)
     try:
-        if suffix in _ITK_SUFFIXES:
-            return with_sitk(path)
-        try:
-            return with_nibabel(path)
-        except ImageFileError:
-            if suffix in _NIFTI_SUFFIXES:
-                raise
-            return with_sitk(path)
+        with _working_on(path):
+            if suffix in _ITK_SUFFIXES:
+                return with_sitk(path)
+            try:
+                return with_nibabel(path)
+            except ImageFileError:
+                if suffix in _NIFTI_SUFFIXES:
+                    raise
+                return with_sitk(path)
     except S3DError:
         raise
     except MemoryError:
@@ -440,6 +461,45 @@ def read_header(path: str | Path) -> ImageHeader:
     return _dispatch(path, _header_nibabel, _header_sitk, "cannot read image header ({})")
 
 
+def output_problem(path: str | Path, shape: Sequence[int]) -> str | None:
+    """Why `path` is not a complete image of spatial shape `shape`, or None when it is.
+
+    For `s3d predict --continue`, which must not keep the 0-byte or cut-off file a killed run (or an
+    interrupted copy) left. Cheap for NIfTI, the format predict writes: the header, then for a
+    .nii the file size it implies, for a .nii.gz the gzip trailer (RFC 1952 ends every stream with
+    the uncompressed size mod 2**32, so a stream cut short ends in other bytes). Other compressed
+    formats say nothing about their length up front and are read in full.
+    """
+    path = Path(path)
+    want = tuple(int(s) for s in shape)
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        h = read_header(path)
+    except OSError as e:
+        return _one_line(e)
+    except S3DError as e:
+        return " ".join(str(e).split()).removeprefix(f"{path}: ")
+    if h.spatial_shape != want:
+        return f"shape {h.spatial_shape or h.shape} is not the input's {want}"
+    if h.truncated:
+        return f"truncated ({h.file_bytes} bytes, the header needs {h.data_offset + h.data_bytes})"
+    if not h.compressed:
+        return None
+    if _suffix(path) == ".nii.gz":
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(f.read(4), "little")
+        if isize != (h.data_offset + h.data_bytes) % 2**32:
+            return "truncated (its gzip stream ends before the voxels the header declares)"
+        return None
+    try:
+        _load(path)
+    except S3DError as e:
+        return " ".join(str(e).split()).removeprefix(f"{path}: ")
+    return None
+
+
 def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Image as float32 `(i, j, k)` with NIfTI scl_slope/scl_inter applied, and its Geometry."""
     raw = _load(path)
@@ -602,10 +662,11 @@ def _write(arr: np.ndarray, like: Geometry, path: str | Path, what: str) -> None
     if not path.parent.exists():
         raise S3DError(f"{path}: folder {path.parent} does not exist")
     try:
-        if suffix in _NIFTI_SUFFIXES:
-            _write_nifti(arr, like, path)
-        else:
-            _write_sitk(arr, like, path)
+        with _working_on(path):
+            if suffix in _NIFTI_SUFFIXES:
+                _write_nifti(arr, like, path)
+            else:
+                _write_sitk(arr, like, path)
     except S3DError:
         raise
     except OSError as e:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -85,13 +88,84 @@ def begin_run(run_dir: str | Path, settings_file: str, resume: bool) -> dict | N
     return saved
 
 
+def _type_name(hint: object) -> str:
+    if hint is type(None):
+        return "null"
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {plural.get(args[0], _type_name(args[0]))}"
+        return f"a list of {len(args)} {' / '.join(sorted({plural.get(a, _type_name(a)) for a in args}))}"
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in args)
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "an object",
+            list: "a list"}.get(origin or hint, getattr(hint, "__name__", str(hint)))
+
+
+def _fits(value: object, hint: object) -> bool:
+    """Whether a JSON value can stand for a field of type `hint` (tuples are JSON lists; an integer is a
+    number; bool is never an integer, although Python says so). Hints it does not know are accepted."""
+    if hint is typing.Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _as_field(value: object, hint: object) -> object:
+    """JSON lists back into the tuples a tuple-typed field holds."""
+    if isinstance(value, list) and any(typing.get_origin(a) is tuple
+                                       for a in (hint, *typing.get_args(hint))):
+        return tuple(value)
+    return value
+
+
 def settings_from_saved(cls: type[T], saved: dict, path: Path, **override: object) -> T:
     """The settings dataclass `cls` rebuilt from its saved dict (plus `override`); S3DError naming `path`
-    for keys this version does not know or values it cannot take."""
+    for keys this version does not know or values it cannot take. Values are checked against the field
+    types: an edited `"steps": "1000"` must stop here, not hours later inside the training loop."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(saved) - names)
     if unknown:
         raise S3DError(f"{path}: unknown setting {unknown[0]!r} (written by another s3d version, or edited)")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation this Python cannot evaluate: skip the check, not the run
+        hints = {}
+    saved = dict(saved)
+    for key, value in saved.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        if not _fits(value, hint):
+            raise S3DError(f"{path}: setting {key!r} must be {_type_name(hint)}, got {json.dumps(value)} "
+                           "(edited?)")
+        saved[key] = _as_field(value, hint)
     try:
         return cls(**{**saved, **override})
     except (TypeError, ValueError) as e:

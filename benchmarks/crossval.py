@@ -81,6 +81,8 @@ def main() -> None:
                     help="voxels; nnU-Net's plan for this dataset")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", default="auto", help="autocast for training and prediction (auto: fp32 on CPU; bf16 pays "
+                    "off only on CPUs with native bf16)")
     ap.add_argument("--test-fraction", type=float, default=0.2, help="labeled cases kept out of the 5-fold split")
     ap.add_argument("--max-cases", type=int, default=None, help="use only the first N cases (smoke tests)")
     ap.add_argument("--no-tta", action="store_true", help="no mirroring when predicting (8x faster)")
@@ -93,7 +95,7 @@ def main() -> None:
     run = out / "run"
     tta = ["--no-tta"] if args.no_tta else []
     train_opts = ["--steps", str(args.steps), "--arch", args.arch, "--patch-size", *map(str, args.patch_size),
-                  "--batch-size", str(args.batch_size), "--device", args.device, "--val-every", "0",
+                  "--batch-size", str(args.batch_size), "--device", args.device, "--amp", args.amp, "--val-every", "0",
                   "--checkpoint-every", str(max(1, args.steps // 4)), *tta]
     timing_file = out / "fold_times.json"
     times = json.loads(timing_file.read_text()) if timing_file.exists() else {}
@@ -104,7 +106,7 @@ def main() -> None:
             times[str(k)] = wall
             timing_file.write_text(json.dumps(times, indent=1))
 
-    predict_opts = ["--device", args.device, *tta]
+    predict_opts = ["--device", args.device, "--amp", args.amp, *tta]
     pred_ens, pred_f0 = out / "test_pred_ensemble", out / "test_pred_fold0"
     t_ens = _s3d("predict", "-i", str(test_images), "-o", str(pred_ens), "-m", str(run), *predict_opts)
     t_f0 = _s3d("predict", "-i", str(test_images), "-o", str(pred_f0), "-m", str(run / f"fold_{args.folds[0]}"),
@@ -122,7 +124,8 @@ def report(out: Path, run: Path, args: argparse.Namespace, times: dict, t_ens: f
     comp = json.loads(comparison.read_text())
     names = cv["labels"]
     lines = [f"Hippocampus, {len(args.folds)} folds x {args.steps} steps ({args.arch}, patch "
-             f"{'x'.join(map(str, args.patch_size))}, batch {args.batch_size}, {args.device}), validation "
+             f"{'x'.join(map(str, args.patch_size))}, batch {args.batch_size}, {args.device}, amp {args.amp}), "
+             "validation "
              f"{'without' if args.no_tta else 'with'} TTA", "",
              "| fold | val cases | " + " | ".join(f"Dice {n}" for n in names.values()) + " | mean Dice | NSD | "
              "train+validate wall s |", "| --- |" + " ---: |" * (len(names) + 4)]

@@ -919,6 +919,29 @@ def resolve_weights(spec: str, cache_dir: str | Path | None = None, local_files_
     spec = str(spec).strip()
     if not spec:
         raise S3DError("weights: empty name (give a registry name, owner/name or a path)")
+    try:
+        return _resolve(spec, cache_dir, local_files_only)
+    except S3DError as e:
+        raise _naming(e, spec) from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        # odd tensors or configs fail deep in the conversion; the user needs to know which weights
+        raise S3DError(f"{spec}: cannot be used as weights ({type(e).__name__}: {' '.join(str(e).split())})") from None
+
+
+def _naming(e: S3DError, spec: str) -> S3DError:
+    """`e` as is when its message names the weights (the file, the spec or its registry entry), else
+    prefixed with the spec: the conversion helpers judge tensors and plans without knowing their file."""
+    message = str(e)
+    starts = {f"{spec}:", f"{Path(spec).expanduser()}", f"weights '{spec}'", f"weights {spec!r}"}
+    entry = REGISTRY.get(spec.partition("@")[0]) or REGISTRY.get(spec.partition("@")[0].lower())
+    if entry is not None:
+        starts.add(f"weights '{entry.name}'")
+    if message.startswith(tuple(starts)):
+        return e
+    return S3DError(f"{spec}: {message}")
+
+
+def _resolve(spec: str, cache_dir: str | Path | None, local_files_only: bool | None) -> ResolvedWeights:
     path = Path(spec).expanduser()
     if path.exists():
         return _resolve_local(path)
@@ -985,30 +1008,58 @@ def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+# A front-matter value stays a bare word only when YAML reads that word back as the same string (Hub
+# licence ids: cc-by-4.0, apache-2.0, other); anything else is a double-quoted JSON string, which is also
+# a valid YAML scalar, so a colon, a quote, a newline or a "---" cannot end the front matter early.
+_YAML_PLAIN = re.compile(r"^[a-z][a-z0-9.+-]*$")
+_YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null"}
+
+
+def _yaml_scalar(value: str) -> str:
+    if _YAML_PLAIN.match(value) and value not in _YAML_WORDS:
+        return value
+    return json.dumps(value)  # ASCII only: YAML 1.1 also breaks lines at U+0085, U+2028, U+2029
+
+
+def _markdown_line(text: str) -> str:
+    """`text` on one line: a title or licence with a newline must not start a new Markdown block."""
+    return " ".join(str(text).split())
+
+
 def model_card(config: dict, *, tensors: str, num_params: int, metrics: dict | None, license: str,
                title: str) -> str:
     """README.md for the Hub: YAML front matter, architecture, pre-training, preprocessing, metrics, citations."""
     net = config.get("network") or {}
     plan = config.get("plan") or {}
     kind = config.get("kind", "pretrain")
-    tags = ["medical", "3d", "s3d", "residual-encoder-unet",
+    swin = net.get("arch") == "swin-unetr"
+    arch_name = "Swin UNETR" if swin else "Residual Encoder U-Net"
+    tags = ["medical", "3d", "s3d", "swin-unetr" if swin else "residual-encoder-unet",
             "self-supervised-learning" if kind == "pretrain" else "image-segmentation"]
-    out = ["---", f"license: {license}", "library_name: s3d", "tags:", *(f"- {t}" for t in tags), "---", "",
-           f"# {title}", ""]
+    out = ["---", f"license: {_yaml_scalar(license)}", "library_name: s3d", "tags:", *(f"- {t}" for t in tags),
+           "---", "", f"# {_markdown_line(title)}", ""]
     if kind == "pretrain":
-        out.append(f"Self-supervised pre-trained Residual Encoder U-Net ({config.get('method', 'unknown method')}), "
+        out.append(f"Self-supervised pre-trained {arch_name} ({config.get('method', 'unknown method')}), "
                    "made with s3d, for fine-tuning with `s3d finetune --weights`.")
     else:
-        out.append("Residual Encoder U-Net segmentation model made with s3d (`s3d predict -m`).")
-    out += ["", "## Architecture", "",
-            "Residual Encoder U-Net (nnU-Net ResEnc, tensor names of dynamic-network-architectures without "
-            "its duplicate `all_modules` / `decoder.encoder` keys).", "",
-            f"- input channels: {net.get('in_channels', '?')}",
-            f"- features per stage: {_fmt(net.get('features', '?'))}",
-            f"- residual blocks per stage: {_fmt(net.get('blocks', '?'))}",
-            f"- strides: {_fmt(net.get('strides', '?'))}",
-            f"- kernel sizes: {_fmt(net.get('kernel_sizes', '?'))}",
-            f"- tensors in this upload: {tensors} ({num_params:,} values)", ""]
+        out.append(f"{arch_name} segmentation model made with s3d (`s3d predict -m`).")
+    if swin:  # tensor names and hyper-parameters of MONAI's SwinUNETR (s3d.nn.swin_unetr)
+        out += ["", "## Architecture", "", "Swin UNETR (Hatamizadeh et al. 2022), tensor names of MONAI's SwinUNETR.",
+                "", f"- input channels: {net.get('in_channels', '?')}",
+                f"- feature size: {net.get('feature_size', '?')}",
+                f"- depths / heads per stage: {_fmt(net.get('depths', '?'))} / {_fmt(net.get('num_heads', '?'))}",
+                f"- window / patch size: {_fmt(net.get('window_size', '?'))} / {_fmt(net.get('patch_size', '?'))}",
+                f"- tensors in this upload: {tensors} ({num_params:,} values)", ""]
+    else:
+        out += ["", "## Architecture", "",
+                "Residual Encoder U-Net (nnU-Net ResEnc, tensor names of dynamic-network-architectures without "
+                "its duplicate `all_modules` / `decoder.encoder` keys).", "",
+                f"- input channels: {net.get('in_channels', '?')}",
+                f"- features per stage: {_fmt(net.get('features', '?'))}",
+                f"- residual blocks per stage: {_fmt(net.get('blocks', '?'))}",
+                f"- strides: {_fmt(net.get('strides', '?'))}",
+                f"- kernel sizes: {_fmt(net.get('kernel_sizes', '?'))}",
+                f"- tensors in this upload: {tensors} ({num_params:,} values)", ""]
     out += ["## Pre-training" if kind == "pretrain" else "## Training", ""]
     out.append(f"- method: {config.get('method', kind)}")
     data = config.get("data") or {}
@@ -1034,7 +1085,8 @@ def model_card(config: dict, *, tensors: str, num_params: int, metrics: dict | N
     usage = ("s3d finetune DATASET RUN --weights OWNER/NAME" if kind == "pretrain" else
              "hf download OWNER/NAME --local-dir model && s3d predict -i IMAGES -o OUT -m model")
     out += ["", "## Usage", "", "```bash", usage, "```", "",
-            "## Licence", "", f"{license}. Check the licences of the data these weights were trained on.", "",
+            "## Licence", "", f"{_markdown_line(license)}. Check the licences of the data these weights were "
+            "trained on.", "",
             "## Citation", "", "```bibtex", CITATION_S3D, "", CITATION_SIMTROT, "```", ""]
     return "\n".join(out)
 
@@ -1045,7 +1097,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, encoder_only: bool =
 
     The tensors are the run's model as stored (encoder + decoder: a fine-tuned model must stay usable by
     `s3d predict`, and a pre-trained decoder can be fine-tuned too); `encoder_only=True` keeps just the
-    `encoder.stem.*` / `encoder.stages.*` tensors that `s3d finetune --weights` transfers.
+    `encoder.stem.*` / `encoder.stages.*` tensors that `s3d finetune --weights` transfers (`swinViT.*` for a
+    Swin UNETR run, see `s3d.nn.networks`).
     """
     from s3d.checkpoint import load_model, save_model
     from s3d.files import prepare_output_dir
@@ -1057,9 +1110,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, encoder_only: bool =
 
     check_config(config, str(run_dir / CONFIG_FILE))
     if encoder_only:
-        sd = encoder_state_dict(sd)
+        from s3d.nn.networks import encoder_prefixes, network_config_from_dict
+
+        prefixes = encoder_prefixes(network_config_from_dict(config["network"]))
+        resenc = prefixes == ("encoder.",)
+        sd = encoder_state_dict(sd) if resenc else {k: v for k, v in sd.items() if k.startswith(prefixes)}
         if not sd:
-            raise S3DError(f"{run_dir}: no encoder.stem / encoder.stages tensors to export")
+            what = "encoder.stem / encoder.stages" if resenc else " / ".join(p + "*" for p in prefixes)
+            raise S3DError(f"{run_dir}: no {what} tensors to export")
     from s3d import __version__
 
     config = _public_config(config)

@@ -30,7 +30,7 @@ def check_config(config: Any, source: str, kind: str | None = None) -> dict:
     kind: "segmentation" also requires what predict needs (plan, patch_size, labels) and checks that
     they agree with the network; None accepts either kind and checks what is present."""
     from s3d.data.preprocess import NORMALIZATIONS, Plan
-    from s3d.nn.resenc import ResEncConfig
+    from s3d.nn.networks import network_config_from_dict
 
     if not isinstance(config, dict):
         raise _fail(source, f"not a model config (a JSON object), but a {type(config).__name__}")
@@ -43,9 +43,9 @@ def check_config(config: Any, source: str, kind: str | None = None) -> dict:
                        if kind == "segmentation" else ""))
     network = config.get("network")
     if not isinstance(network, dict):
-        raise _fail(source, "no 'network' object (the ResEnc topology the tensors belong to)")
+        raise _fail(source, "no 'network' object (the ResEnc or Swin UNETR topology the tensors belong to)")
     try:
-        net = ResEncConfig.from_dict(network)
+        net = network_config_from_dict(network)
     except (TypeError, ValueError) as e:  # NetworkConfigError is a ValueError
         raise _fail(source, f"network: {' '.join(str(e).split())}") from None
 
@@ -79,6 +79,13 @@ def check_config(config: Any, source: str, kind: str | None = None) -> dict:
                             f"in_channels {net.in_channels}")
     if not _positive_ints(config.get("patch_size"), 3):
         raise _fail(source, f"patch_size {config.get('patch_size')!r} needs three positive integers")
+    from s3d.nn.swin_unetr import SwinUNETRConfig, check_input_size
+
+    if isinstance(net, SwinUNETRConfig):
+        try:  # predict tiles the image with this patch; Swin UNETR refuses anything off its token grid
+            check_input_size(config["patch_size"], net)
+        except ValueError as e:
+            raise _fail(source, f"patch_size: {' '.join(str(e).split())}") from None
     labels = config.get("labels", parsed.labels)
     if not isinstance(labels, dict) or not labels or not all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in labels.values()):

@@ -52,7 +52,7 @@ def load_predictor(model: str | Path, device: str = "auto", amp: str = "auto") -
     from s3d.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
     from s3d.device import amp_dtype, resolve_device
     from s3d.model_check import check_config, check_tensors
-    from s3d.nn.resenc import ResEncConfig, ResEncUNet
+    from s3d.nn.networks import inference_network, network_config_from_dict
 
     path = Path(model)
     if path.is_dir():
@@ -67,11 +67,11 @@ def load_predictor(model: str | Path, device: str = "auto", amp: str = "auto") -
         check_config(config, config_source, kind="segmentation")  # before the tensors are fetched
         state = resolved.state_dict
     check_config(config, config_source, kind="segmentation")
-    net_cfg = ResEncConfig.from_dict(config["network"])
-    net_cfg.deep_supervision = False  # inference needs the full-resolution output only
+    net_cfg = network_config_from_dict(config["network"])
+    # inference needs the full-resolution output only (the network still holds any deep-supervision heads)
     with torch.device("meta"):  # shapes only: a config describing a huge network allocates nothing
-        check_tensors(ResEncUNet(net_cfg), state, tensor_source)
-    network = ResEncUNet(net_cfg)
+        check_tensors(inference_network(net_cfg), state, tensor_source)
+    network = inference_network(net_cfg)
     network.load_state_dict(state)
     dev = resolve_device(device)
     network.to(dev).eval()
@@ -288,13 +288,22 @@ def predict_cases(
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if save_probabilities:
+        prob_dir = output_dir / PROBABILITIES_DIR
+        if prob_dir.exists() and not prob_dir.is_dir():
+            raise S3DError(f"{prob_dir}: exists and is not a folder; --save-probabilities writes its files there "
+                           "(move it away or pick another output folder)")
+        prob_dir.mkdir(exist_ok=True)
     written, failed = [], []
     for case in tqdm(cases, desc=desc, unit="case"):
         ending = _ending(case.images[0])
         out = output_dir / f"{case.case_id}{ending}"
         if continue_ and out.exists():
-            written.append(out)
-            continue
+            problem = _unfinished(case, out, ensemble.num_classes if save_probabilities else 0, output_dir)
+            if problem is None:
+                written.append(out)
+                continue
+            tqdm.write(f"s3d: note: {problem}; predicting case {case.case_id} again", file=sys.stderr)
         try:
             images, geometry = read_channels(case.images)
             probs = predict_probabilities(ensemble.members, images, geometry, step_size=step_size, tta=tta,
@@ -307,7 +316,8 @@ def predict_cases(
         if save_probabilities:
             # one file per class keeps every file on the input's 3-D grid and header
             for k in range(probs.shape[0]):
-                write_image(probs[k], geometry, output_dir / f"{case.case_id}_prob{k:02d}{ending}")
+                write_image(probs[k], geometry, probability_path(output_dir, case.case_id, k, ending))
+        # last: its presence means the probabilities above are complete too (what --continue relies on)
         write_segmentation(seg, geometry, out)
         written.append(out)
     if failed:
@@ -357,6 +367,41 @@ def predict_folder(
         raise S3DError(f"{input_dir}: no images found")
     return predict_cases(cases, output_dir, ensemble, step_size=step_size, tta=tta,
                          save_probabilities=save_probabilities, continue_=continue_, batch_size=batch_size)
+
+
+# Probability maps live in their own folder: beside the segmentations, case X's CASE_prob01 file
+# would be case X_prob01's segmentation. Inside it every name is CASE + "_prob" + the class number
+# (>= 2 digits) + the ending, so the trailing digits give the class and the rest the case: no two
+# (case, class) pairs share a name.
+PROBABILITIES_DIR = "probabilities"
+
+
+def probability_path(output_dir: str | Path, case_id: str, k: int, ending: str = ".nii.gz") -> Path:
+    """Where `s3d predict --save-probabilities` writes the probability map of class `k` of a case."""
+    return Path(output_dir) / PROBABILITIES_DIR / f"{case_id}_prob{k:02d}{ending}"
+
+
+def _unfinished(case, out: Path, num_probabilities: int, output_dir: Path) -> str | None:  # noqa: ANN001 - Case
+    """Why an existing output of `case` (its segmentation `out`, and `num_probabilities` probability maps)
+    is not a finished one, or None. Outputs are written atomically, but a file copied in, left by an
+    older s3d or cut short by a full disk must be redone, not kept."""
+    from s3d.data.io import output_problem, read_header
+
+    try:
+        shape = read_header(case.images[0]).spatial_shape
+    except S3DError:
+        return f"{case.images[0]}: cannot read its header"  # predicting it again reports the problem
+    if shape is None:
+        return f"{case.images[0]}: not a 3-D image"
+    ending = _ending(case.images[0])
+    paths = [out] + [probability_path(output_dir, case.case_id, k, ending) for k in range(num_probabilities)]
+    for path in paths:
+        if not path.exists():
+            return f"{path}: missing (an earlier run without --save-probabilities, or killed)"
+        problem = output_problem(path, shape)
+        if problem is not None:
+            return f"{path}: incomplete output of an earlier run ({problem})"
+    return None
 
 
 def _ending(path: Path) -> str:

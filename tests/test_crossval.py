@@ -106,12 +106,12 @@ def _copy_model(src: Path, dst: Path) -> Path:
 
 
 def _probs(folder: Path) -> np.ndarray:
-    files = sorted(folder.glob("*_prob*.nii.gz"))
+    files = sorted((folder / "probabilities").glob("*_prob*.nii.gz"))
     return np.stack([nib.load(str(f)).get_fdata(dtype=np.float32) for f in files])
 
 
 def _seg(folder: Path) -> np.ndarray:
-    (path,) = [p for p in folder.glob("*.nii.gz") if "_prob" not in p.name]
+    (path,) = folder.glob("*.nii.gz")
     return nib.load(str(path)).get_fdata().astype(np.uint8)
 
 

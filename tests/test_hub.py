@@ -300,6 +300,46 @@ def test_unrecognised_spec(tmp_path):
         hub.resolve_weights(str(tmp_path / "folder"))
 
 
+_NOT_RESENC = {"head.weight": torch.zeros(2, 3)}
+_ODD_RESENC = {"encoder.stem.convs.0.conv.weight": torch.zeros(4, 1, 3, 3, 3),
+               "encoder.stages.0.blocks.0.conv2.conv.weight": torch.zeros(4, 4, 3)}  # a 1-D kernel
+
+
+@pytest.mark.parametrize("name,content", [
+    ("plain.pth", _NOT_RESENC),
+    ("plain.safetensors", _NOT_RESENC),
+    ("odd.pth", _ODD_RESENC),
+    ("nnssl.pth", {"network_weights": {"encoder.x": 1}}),
+    ("list.pth", [1, 2]),
+    ("garbage.safetensors", b"not safetensors at all"),
+])
+def test_every_weights_error_names_the_file(tmp_path, name, content):
+    from safetensors.torch import save_file
+
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif name.endswith(".safetensors"):
+        save_file(content, str(path))
+    else:
+        torch.save(content, path)
+    with pytest.raises(S3DError) as e:
+        _ = hub.resolve_weights(str(path)).state_dict  # the tensors too: a lazily read file can fail then
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+def test_transfer_and_metadata_errors_name_the_weights(tmp_path):
+    from s3d.checkpoint import tensors_metadata
+    from s3d.nn.resenc import PRESETS, ResEncUNet
+    from s3d.train.finetune import transfer_encoder
+
+    with pytest.raises(S3DError, match=r"^plain\.pth: holds no encoder"):
+        transfer_encoder(ResEncUNet(PRESETS["resenc-s"]), dict(_NOT_RESENC), source="plain.pth")
+    (tmp_path / "x.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(S3DError, match=r"x\.safetensors: not a readable safetensors file"):
+        tensors_metadata(tmp_path / "x.safetensors")
+
+
 def _run_cli(args: list[str], capsys) -> str:
     from s3d.cli import main
 
@@ -645,3 +685,39 @@ def test_cli_list_is_a_table_with_licence_and_data_and_flags_share_alike(capsys)
 def test_cli_info_shows_the_hub_card_cached_under_an_alias(registry_cache, capsys):
     out = _run_cli(["weights", "info", "openmind-resencl-vf", "--cache-dir", str(registry_cache)], capsys)
     assert "model card from the Hub" in out and "# AnonRes/ResEncL-OpenMind-VF" in out
+
+
+def _front_matter(card: str) -> dict:
+    """The YAML front matter of a model card, read by the rules model_card writes: `key: value` with a bare
+    word or a JSON string, `key:` followed by `- item` lines; anything else fails the test."""
+    lines = card.split("\n")
+    assert lines[0] == "---"
+    end = lines.index("---", 1)
+    out, key = {}, None
+    for line in lines[1:end]:
+        if line.startswith("- ") and key is not None:
+            out[key].append(line[2:])
+            continue
+        key, sep, value = line.partition(": ") if ": " in line else line.partition(":")
+        assert sep and key.isidentifier(), line
+        value = value.strip()
+        out[key] = json.loads(value) if value.startswith('"') else value if value else []
+    return out
+
+
+@pytest.mark.parametrize("license_", ["cc-by-4.0", 'my: "licence"\n---\nlicense: mit', "yes", "it's 'mine' \u2028"])
+def test_model_card_front_matter_survives_any_licence_and_title(tmp_path, tiny, license_):
+    sd = hub.drop_dna_duplicates(tiny.state_dict())
+    run, out = tmp_path / "run", tmp_path / "export"
+    _pretrain_run(run, sd)
+    title = "Brain MAE\n---\nlicense: evil"
+    hub.export_run(run, out, license=license_, title=title)
+    card = (out / "README.md").read_text()
+    front = _front_matter(card)
+    assert front == {"license": license_, "library_name": "s3d",
+                     "tags": ["medical", "3d", "s3d", "residual-encoder-unet", "self-supervised-learning"]}
+    yaml = pytest.importorskip("yaml")
+    assert yaml.safe_load(card.split("---\n")[1]) == front
+    body = card.split("\n")[card.split("\n").index("---", 1) + 1:]
+    assert "# Brain MAE --- license: evil" in body and "---" not in body[:4]
+    assert json.loads((out / "config.json").read_text())["export"]["license"] == license_

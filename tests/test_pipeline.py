@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from s3d import predict
 from s3d.cli import cli
 from s3d.train.finetune import FinetuneConfig, split_cases, transfer_encoder
 
@@ -98,7 +99,7 @@ def test_predict_amp_bf16_changes_precision_not_results(trained_run, small_datas
                                  catch_exceptions=False)
         assert res.exit_code == 0, res.output
         case = img.name[: -len("_0000.nii.gz")]
-        probs[amp] = np.stack([np.asarray(nib.load(tmp_path / amp / f"{case}_prob{k:02d}.nii.gz").dataobj)
+        probs[amp] = np.stack([np.asarray(nib.load(predict.probability_path(tmp_path / amp, case, k)).dataobj)
                                for k in range(3)])
     diff = np.abs(probs["bf16"] - probs["off"]).max()
     assert 0 < diff < 0.05  # bf16 really ran (not a silent fp32 run) and stays close to fp32

@@ -47,10 +47,13 @@ class FoldsOption(click.Option):
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("output", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--arch", default="resenc-s", show_default=True,
-              help="Network preset (resenc-s, resenc-m, resenc-l); stages/strides are planned from the "
-                   "patch size and spacing. Ignored with --weights (the weights fix the network).")
+              help="Network preset: resenc-s, resenc-m, resenc-l (stages/strides planned from the patch size and "
+                   "spacing), or swin-unetr (Swin UNETR as in SimTROT: feature size 48, window 7) / swin-unetr-s "
+                   "(CPU-sized: feature size 12, window 4), fixed topologies. Ignored with --weights (the weights "
+                   "fix the network).")
 @patch_size_option(None, "Default: the median preprocessed image shape (capped at 128), made divisible "
-                         "by the network's total stride.")
+                         "by the network's total stride; for swin-unetr 128^3, swin-unetr-s 64^3 (or the "
+                         "pre-training patch with --weights). Swin UNETR needs multiples of 32 voxels per axis.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True, help="Patches per step.")
 @steps_option
 @click.option("--val-every", type=click.IntRange(min=0), default=250, show_default=True,

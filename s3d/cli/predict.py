@@ -33,9 +33,11 @@ from s3d.cli.options import amp_option, device_option
               help="Sliding-window step as a fraction of the patch size (smaller: more overlap, slower).")
 @click.option("--no-tta", is_flag=True, help="Disable mirroring test-time augmentation (8x faster, slightly worse).")
 @click.option("--save-probabilities", is_flag=True,
-              help="Also write CASE_probNN files: per-class softmax probabilities on the input grid (float32); "
-                   "of an ensemble, its averaged probabilities.")
-@click.option("--continue", "continue_", is_flag=True, help="Skip cases whose output already exists.")
+              help="Also write OUTPUT/probabilities/CASE_probNN files: per-class softmax probabilities on the "
+                   "input grid (float32); of an ensemble, its averaged probabilities.")
+@click.option("--continue", "continue_", is_flag=True,
+              help="Skip cases whose outputs exist and are complete (and on the input's grid); incomplete ones, "
+                   "e.g. from a killed run, are predicted again.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
               help="Sliding windows per network forward.")
 @device_option

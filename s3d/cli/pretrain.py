@@ -28,13 +28,17 @@ from s3d.cli.options import (
               help="mae: S3D sparse masked autoencoder; simtrot: token contrastive (SimCLR) with rotate-and-restore; "
                    "btrot: its BYOL variant.")
 @click.option("--arch", default="resenc-l", show_default=True,
-              help="Encoder preset: resenc-l (the S3D paper's network), resenc-m, resenc-s (CPU-sized).")
+              help="Encoder preset: resenc-l (the S3D paper's network), resenc-m, resenc-s (CPU-sized), "
+                   "swin-unetr (SimTROT's Swin UNETR, feature size 48, window 7) or swin-unetr-s (CPU-sized: "
+                   "feature size 12, window 4). Swin UNETR takes simtrot/btrot only, and a cubic --patch-size "
+                   "in voxels that is a multiple of 32 (its token grid stride), at least 64 (128 in SimTROT).")
 @patch_size_option((160, 160, 160), "S3D uses 160^3 at 1 mm; try 64 64 64 on a CPU.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
               help="Patches per step (simtrot needs >= 2).")
 @steps_option
-@click.option("--lr", type=float, default=1e-2, show_default=True,
-              help="Peak learning rate (SGD, Nesterov momentum 0.99, weight decay 3e-5, PolyLR; S3D defaults).")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate of SGD (Nesterov momentum 0.99, weight decay 3e-5, PolyLR). Default: 1e-2 "
+                   "for resenc-* (S3D, Wald et al. 2024), 1e-4 for swin-unetr* (SimTROT Sec. 4.2).")
 @click.option("--spacing", nargs=3, type=float, default=(1.0, 1.0, 1.0), show_default=True,
               help="Voxel spacing in mm that raw image folders are resampled to (S3D: 1 1 1).")
 @click.option("--mask-ratio", default=None,
@@ -67,7 +71,8 @@ from s3d.cli.options import (
 @jobs_option
 @cache_dir_option
 @curation_options
-def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_size: int, steps: int, lr: float,
+def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_size: int, steps: int,
+             lr: float | None,
              spacing, mask_ratio: str | None, mask_block, block_sparse: bool, temperature: float,
              same_position_weight: float,
              token_stage: int, ema_decay: float, flip_views: bool, no_augment: bool, seed: int, device: str,
@@ -81,8 +86,8 @@ def pretrain(paths: tuple[Path, ...], method: str, arch: str, patch_size, batch_
     stores written by `s3d preprocess --corpus` (used as they are, even while other parts are still
     being written). Raw sources are curated (files that would poison training are skipped, with
     their reason in the store's report.json) and preprocessed once into the cache. Each channel is a
-    separate sample. OUTPUT receives model.safetensors (encoder.* keys) + config.json, which
-    `s3d finetune --weights OUTPUT` accepts. Multi-GPU / multi-node: preprocess first, then
+    separate sample. OUTPUT receives model.safetensors (encoder.* keys; swinViT.* for Swin UNETR) +
+    config.json, which `s3d finetune --weights OUTPUT` accepts. Multi-GPU / multi-node: preprocess first, then
     `torchrun --nproc-per-node N -m s3d pretrain STORE OUTPUT ...`.
     """
     from s3d.errors import S3DError

@@ -114,16 +114,23 @@ class SegmentationObjective(nn.Module):
         return self.loss(self.network(image), seg), {}
 
 
-def transfer_encoder(network: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict:
-    """Load the `encoder.*` tensors of a pre-trained state dict into `network`.
+def transfer_encoder(network: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "pre-trained weights"
+                     ) -> dict:
+    """Load the encoder tensors of a pre-trained state dict into `network`: `encoder.*` for ResEnc, `swinViT.*`
+    for Swin UNETR (what token pre-training trains; `s3d.nn.networks` explains the choice).
 
     The stem's first conv is replicated across input channels (divided by C) when the dataset has
     more channels than the pre-training had (S3D Tab. 8). Returns a report of what matched.
+    `source` (the --weights spec) starts every error message.
     """
+    from s3d.nn.networks import encoder_prefixes
+
+    prefixes = encoder_prefixes(network)
     own = network.state_dict()
-    enc = {k: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    enc = {k: v for k, v in state_dict.items() if k.startswith(prefixes)}
     if not enc:
-        raise S3DError("the pre-trained weights hold no encoder.* tensors: not a ResEnc encoder checkpoint")
+        what = "a Swin UNETR" if prefixes == ("swinViT.",) else "a ResEnc"
+        raise S3DError(f"{source}: holds no {prefixes[0]}* tensors: not {what} encoder checkpoint")
     loaded, replicated, mismatched = {}, [], []
     for k, v in enc.items():
         if k not in own:
@@ -139,21 +146,24 @@ def transfer_encoder(network: nn.Module, state_dict: dict[str, torch.Tensor]) ->
             mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(target.shape)}")
     if mismatched:
         raise S3DError(
-            f"pre-trained encoder does not fit --arch: {len(mismatched)} tensors differ, e.g. {mismatched[0]}"
+            f"{source}: pre-trained encoder does not fit --arch: {len(mismatched)} tensors differ, e.g. "
+            f"{mismatched[0]}"
         )
-    missing = [k for k in own if k.startswith("encoder.") and k not in loaded]
+    missing = [k for k in own if k.startswith(prefixes) and k not in loaded]
     network.load_state_dict(loaded, strict=False)
     return {
         "encoder_tensors_loaded": len(loaded),
-        "encoder_tensors_in_network": sum(k.startswith("encoder.") for k in own),
+        "encoder_tensors_in_network": sum(k.startswith(prefixes) for k in own),
         "encoder_tensors_missing": missing,
         "stem_replicated": replicated,
     }
 
 
 def _param_groups(objective: SegmentationObjective) -> dict[str, list[nn.Parameter]]:
+    from s3d.nn.networks import encoder_module
+
     net = objective.network
-    enc = [p for p in net.encoder.parameters() if p.requires_grad]
+    enc = [p for p in encoder_module(net).parameters() if p.requires_grad]
     enc_ids = {id(p) for p in enc}
     return {"encoder": enc, "decoder": [p for p in net.parameters() if p.requires_grad and id(p) not in enc_ids]}
 
@@ -187,7 +197,9 @@ def _finetune(dataset: Path, output: Path, cfg: FinetuneConfig, *, resume: bool,
     from s3d.data.loader import default_workers, make_loader
     from s3d.data.preprocess import Plan, load_preprocessed
     from s3d.data.sampling import PatchDataset
-    from s3d.nn.resenc import PRESETS, ResEncConfig, ResEncUNet, adjust_patch_size, plan_network
+    from s3d.nn import networks as nets
+    from s3d.nn.resenc import PRESETS, adjust_patch_size, plan_network
+    from s3d.nn.swin_unetr import SwinUNETRConfig
 
     workers = default_workers() if workers is None else workers
     saved = begin_run(output, SETTINGS_FILE, resume)
@@ -199,6 +211,10 @@ def _finetune(dataset: Path, output: Path, cfg: FinetuneConfig, *, resume: bool,
     if cfg.lr is not None:
         check_lr(cfg.lr)
     resolve_device(cfg.device)  # before hours of preprocessing, not after
+    if not cfg.weights:  # likewise an unknown --arch or a patch off Swin UNETR's token grid
+        arch_cfg = nets.preset(cfg.arch)
+        if cfg.patch_size and nets.is_swin(arch_cfg):
+            nets.check_patch_size(cfg.patch_size, arch_cfg)
 
     pretrained_sd, pretrained_cfg = None, None
     if cfg.weights:
@@ -221,14 +237,23 @@ def _finetune(dataset: Path, output: Path, cfg: FinetuneConfig, *, resume: bool,
     num_classes = max(plan.labels.values()) + 1
 
     if pretrained_cfg is not None:
-        net_cfg = ResEncConfig.from_dict(pretrained_cfg["network"])
-        net_cfg.in_channels, net_cfg.num_classes = in_channels, num_classes
-        net_cfg.deep_supervision = cfg.deep_supervision
-        patch = tuple(cfg.patch_size or pretrained_cfg.get("patch_size") or _median_patch(cases, net_cfg))
-        patch = adjust_patch_size(patch, net_cfg)
+        net_cfg = nets.with_task(nets.network_config_from_dict(pretrained_cfg["network"]), in_channels,
+                                 num_classes, cfg.deep_supervision)
+        if isinstance(net_cfg, SwinUNETRConfig):
+            # Swin UNETR's patch is never rounded up (see check_patch_size); a pre-training patch already fits
+            patch = tuple(cfg.patch_size or pretrained_cfg.get("patch_size") or nets.SWIN_DEFAULT_PATCH["swin-unetr-s"])
+            nets.check_patch_size(patch, net_cfg, "--patch-size" if cfg.patch_size else f"{cfg.weights}: patch_size")
+        else:
+            patch = tuple(cfg.patch_size or pretrained_cfg.get("patch_size") or _median_patch(cases, net_cfg))
+            patch = adjust_patch_size(patch, net_cfg)
+    elif nets.is_swin(cfg.arch):
+        # a fixed topology (SimTROT Sec. 4.2); the patch is --patch-size or the preset's default, not planned
+        net_cfg = nets.with_task(nets.preset(cfg.arch), in_channels, num_classes, cfg.deep_supervision)
+        patch = tuple(cfg.patch_size) if cfg.patch_size else nets.SWIN_DEFAULT_PATCH[cfg.arch]
+        nets.check_patch_size(patch, net_cfg)
     else:
         if cfg.arch not in PRESETS:
-            raise S3DError(f"--arch {cfg.arch}: unknown, choose one of {', '.join(PRESETS)}")
+            raise S3DError(f"--arch {cfg.arch}: unknown, choose one of {', '.join(nets.arch_names())}")
         patch = tuple(cfg.patch_size) if cfg.patch_size else None
         if patch is None:
             patch = _median_patch(cases)
@@ -239,12 +264,12 @@ def _finetune(dataset: Path, output: Path, cfg: FinetuneConfig, *, resume: bool,
     cfg.patch_size = tuple(int(p) for p in patch)
 
     torch.manual_seed(cfg.seed)
-    network = ResEncUNet(net_cfg)
+    network = nets.build_network(net_cfg)
     transfer_report = None
     if cfg.from_scratch:
         pretrained_sd = None  # the baseline: same network and preprocessing as the weights, random init
     if pretrained_sd is not None:
-        transfer_report = transfer_encoder(network, pretrained_sd)
+        transfer_report = transfer_encoder(network, pretrained_sd, source=cfg.weights)
         tqdm.write(
             f"loaded pre-trained encoder from {cfg.weights}: {transfer_report['encoder_tensors_loaded']}/"
             f"{transfer_report['encoder_tensors_in_network']} tensors"

@@ -6,8 +6,13 @@ Each method is an objective module (`forward(batch) -> (loss, logs)`) run by the
 - `simtrot`: SimTROT (Hu et al., Sec. 3.2-3.3): token-level NT-Xent between a masked view and a
   rotated view whose feature map is restored, same-position tokens of other volumes weighted by w.
 - `btrot`: the BYOL variant: online encoder + projector + predictor, EMA target, rotate-and-restore.
-Every method's encoder is the segmentation network's `encoder.*`, so `s3d finetune --weights RUN`
-transfers it by name.
+Every method's encoder is the segmentation network's encoder under the same names (ResEnc `encoder.*`,
+Swin UNETR `swinViT.*`, see `s3d.nn.networks`), so `s3d finetune --weights RUN` transfers it by name.
+
+On Swin UNETR (`--arch swin-unetr[-s]`, SimTROT's own setting) the tokens are the last encoder stage's patch
+embeddings (`s3d.nn.swin_unetr.encoder_tokens`), view A is masked at the patch-embedding grid
+(`patch_grid_mask`) and view B's token grid is restored exactly, because patch embedding and merging do not
+overlap. `mae` does not apply there: masking a hierarchical transformer needs SimMIM-style mask tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +39,31 @@ SETTINGS_FILE = "pretrain.json"
 METHODS = ("mae", "simtrot", "btrot")
 
 
+# Peak learning rates of the one optimiser s3d.train.loop runs (SGD, Nesterov momentum 0.99, weight decay 3e-5,
+# PolyLR), which both papers pre-train with:
+# - ResEnc: 1e-2, S3D's pre-training setting (Wald et al. 2024, arXiv 2410.23132: nnU-Net's SGD recipe);
+# - Swin UNETR: 1e-4, SimTROT (Hu et al., Sec. 4.2 "Optimizer": SGD, learning rate 0.0001, Nesterov momentum
+#   0.99). SimTROT states no weight decay; s3d keeps nnU-Net's 3e-5.
+RESENC_PRETRAIN_LR = 1e-2
+SWIN_PRETRAIN_LR = 1e-4
+
+
+def default_lr(arch: str) -> float:
+    """The pre-training peak learning rate of `arch` when --lr is not given (see the constants above)."""
+    from s3d.nn.networks import is_swin
+
+    return SWIN_PRETRAIN_LR if is_swin(arch) else RESENC_PRETRAIN_LR
+
+
+def check_method_arch(method: str, arch: str) -> None:
+    """S3DError when `method` cannot pre-train `arch` (before anything is written)."""
+    from s3d.nn.networks import is_swin
+
+    if method == "mae" and is_swin(arch):
+        raise S3DError(f"--method mae --arch {arch}: not applicable to a hierarchical transformer without "
+                       "SimMIM-style masking; use --method simtrot or btrot")
+
+
 @dataclass
 class PretrainConfig:
     method: str = "mae"
@@ -41,7 +71,7 @@ class PretrainConfig:
     patch_size: tuple[int, int, int] = (160, 160, 160)  # S3D paper: 160^3 at 1 mm
     batch_size: int = 2
     steps: int = 1000
-    lr: float = 1e-2  # S3D: SGD, lr 1e-2, Nesterov 0.99, wd 3e-5, PolyLR
+    lr: float | None = None  # None: default_lr(arch), resolved on construction
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # S3D pre-training spacing
     seed: int = 0
     device: str = "auto"
@@ -64,6 +94,10 @@ class PretrainConfig:
     ema_decay: float = 0.99  # BYOL target
     flip_views: bool = False  # SimTROT: rotations x mirror flips (48 ops) instead of the 24 rotations
     proj_dim: int = 128
+
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = default_lr(self.arch)
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -134,18 +168,34 @@ class _TokenObjective(nn.Module):
 
     def __init__(self, net_cfg, patch_size, cfg: PretrainConfig, augmenter=None) -> None:  # noqa: ANN001
         super().__init__()
-        from s3d.nn.resenc import ResEncEncoder
+        from s3d.nn.swin_unetr import SwinUNETRConfig, SwinViT
 
         if len(set(patch_size)) != 1:
             raise S3DError(f"--patch-size {patch_size}: {cfg.method} rotates views by 90 degrees, so the patch "
                            "must be cubic (e.g. 64 64 64)")
-        self.encoder = ResEncEncoder(net_cfg)
-        n_stages = len(net_cfg.features)
-        self.stage = cfg.token_stage % n_stages
-        self.channels = net_cfg.features[self.stage]
-        total_stride = np.prod([np.array(s) for s in net_cfg.strides[: self.stage + 1]], axis=0)
-        # masking cells half a token wide: a token's receptive field always keeps visible voxels
-        self.view_mask_patch = tuple(int(max(1, s // 2)) for s in total_stride)
+        # the segmentation network's name for the encoder, which the exported tensors carry
+        self.encoder_prefix = "encoder."
+        self.swin_patch: tuple[int, int, int] | None = None
+        if isinstance(net_cfg, SwinUNETRConfig):
+            self.encoder = SwinViT(net_cfg)
+            self.encoder_prefix = "swinViT."
+            # hidden states: patch embedding, then each of the 4 stages (after its merging); -1 is
+            # encoder_tokens, the last stage's patch embeddings (SimTROT Sec. 3.1)
+            self.stage = cfg.token_stage % _swin_token_stages()
+            self.channels = net_cfg.feature_size << self.stage
+            # SimTROT Sec. 3.2: view A is masked at the patch-embedding grid
+            self.swin_patch = net_cfg.patch_size
+            self.view_mask_patch = net_cfg.patch_size
+        else:
+            from s3d.nn.resenc import ResEncEncoder
+
+            self.encoder = ResEncEncoder(net_cfg)
+            n_stages = len(net_cfg.features)
+            self.stage = cfg.token_stage % n_stages
+            self.channels = net_cfg.features[self.stage]
+            total_stride = np.prod([np.array(s) for s in net_cfg.strides[: self.stage + 1]], axis=0)
+            # masking cells half a token wide: a token's receptive field always keeps visible voxels
+            self.view_mask_patch = tuple(int(max(1, s // 2)) for s in total_stride)
         self.cfg = cfg
         self.augmenter = augmenter
         self.last: dict[str, torch.Tensor] = {}
@@ -157,12 +207,21 @@ class _TokenObjective(nn.Module):
             with torch.no_grad():
                 x, _ = self.augmenter(x)
         with torch.no_grad():
-            v = make_views(x, TextureAugConfig(), mask_ratio=self.cfg.view_mask_ratio,
+            swin = self.swin_patch is not None
+            v = make_views(x, TextureAugConfig(), mask_ratio=0.0 if swin else self.cfg.view_mask_ratio,
                            mask_patch=self.view_mask_patch, allow_flip=self.cfg.flip_views)
+            if swin and self.cfg.view_mask_ratio > 0:
+                from s3d.nn.swin_unetr import mask_patches, patch_grid_mask
+
+                # whole embedding patches, so that every patch embedding sees its patch entirely or not at all
+                v["mask"] = patch_grid_mask(x.shape[0], x.shape[2:], self.swin_patch, self.cfg.view_mask_ratio,
+                                            device=x.device).to(x.dtype)
+                v["view_a"] = mask_patches(v["view_a"], v["mask"])
         self.last = {"image": x[:1].detach(), "view_a": v["view_a"][:1].detach(), "view_b": v["view_b"][:1].detach()}
         return v
 
     def tokens(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # ResEncEncoder returns one map per stage, SwinViT its 5 hidden states (the last = encoder_tokens)
         return encoder(x)[self.stage]
 
     def preview(self) -> list[np.ndarray] | None:
@@ -229,12 +288,25 @@ class BTROTObjective(_TokenObjective):
         ema_update(self.target_head, self.head, self.cfg.ema_decay)
 
 
-def network_config(cfg: PretrainConfig):  # noqa: ANN201 - ResEncConfig
-    """The paper's fixed ResEnc-L for `resenc-l` (S3D, Sec. 3); other presets are planned from the patch."""
+def _swin_token_stages() -> int:
+    from s3d.nn.swin_unetr import NUM_STAGES
+
+    return NUM_STAGES + 1
+
+
+def network_config(cfg: PretrainConfig):  # noqa: ANN201 - s3d.nn.networks.NetworkConfig
+    """The paper's fixed ResEnc-L for `resenc-l` (S3D, Sec. 3); other ResEnc presets are planned from the
+    patch. Swin UNETR presets are fixed topologies (SimTROT Sec. 4.2) whose input must tile the token grid."""
+    from s3d.nn.networks import arch_names, check_patch_size, is_swin, preset
     from s3d.nn.resenc import PRESETS, plan_network
 
+    if is_swin(cfg.arch):
+        net = preset(cfg.arch)
+        net.in_channels, net.num_classes, net.deep_supervision = 1, 1, False
+        check_patch_size(cfg.patch_size, net)
+        return net
     if cfg.arch not in PRESETS:
-        raise S3DError(f"--arch {cfg.arch}: unknown, choose one of {', '.join(PRESETS)}")
+        raise S3DError(f"--arch {cfg.arch}: unknown, choose one of {', '.join(arch_names())}")
     net = plan_network(cfg.patch_size, cfg.spacing, preset=cfg.arch, in_channels=1, num_classes=1)
     net.deep_supervision = False
     total = np.prod(np.array(net.strides), axis=0)
@@ -248,6 +320,7 @@ def network_config(cfg: PretrainConfig):  # noqa: ANN201 - ResEncConfig
 def make_objective(cfg: PretrainConfig, net_cfg, augmenter=None) -> tuple[nn.Module, dict]:  # noqa: ANN001
     """The objective `s3d pretrain --method cfg.method` trains, and the settings it adds to config.json
     (benchmarks build theirs here too, so that they measure what training runs)."""
+    check_method_arch(cfg.method, cfg.arch)
     if cfg.method == "mae":
         from s3d.nn.masking import default_block_size, parse_mask_ratio
 
@@ -324,6 +397,9 @@ def pretrain(data: list[str | Path], output: str | Path, cfg: PretrainConfig, *,
 
     if cfg.method not in METHODS:
         raise S3DError(f"--method {cfg.method}: choose one of {', '.join(METHODS)}")
+    check_method_arch(cfg.method, cfg.arch)
+    if not resume:  # a bad --arch / --patch-size fails before the run folder exists (resume: saved settings)
+        network_config(cfg)
     output = prepare_output_dir(output, inputs=tuple(data), what="run folder")
     with run_lock(output):
         return _pretrain(data, output, cfg, resume=resume, jobs=jobs, cache_dir=cache_dir, workers=workers,
@@ -336,6 +412,7 @@ def _pretrain(data: list[str | Path], output: Path, cfg: PretrainConfig, *, resu
     from s3d.data.loader import default_workers, make_loader
     from s3d.data.sampling import PatchDataset
     from s3d.device import resolve_device
+    from s3d.nn.swin_unetr import SwinUNETRConfig
 
     saved = begin_run(output, SETTINGS_FILE, resume)
     if saved is not None:
@@ -346,8 +423,9 @@ def _pretrain(data: list[str | Path], output: Path, cfg: PretrainConfig, *, resu
             raise S3DError(f"{output / SETTINGS_FILE}: method {cfg.method!r} is not one of {', '.join(METHODS)}")
         tqdm.write(f"--resume: continuing with the settings in {output / SETTINGS_FILE} (other options given now, "
                    "except --device, are ignored)")
+    check_method_arch(cfg.method, cfg.arch)
     net_cfg = network_config(cfg)
-    cfg.check(net_cfg.n_stages)
+    cfg.check(_swin_token_stages() if isinstance(net_cfg, SwinUNETRConfig) else net_cfg.n_stages)
     check_lr(cfg.lr)
     resolve_device(cfg.device)  # a GPU that is not there fails now, before the settings are written
     sources = [Path(d) for d in data]
@@ -400,6 +478,9 @@ def _pretrain(data: list[str | Path], output: Path, cfg: PretrainConfig, *, resu
                  if not k.startswith(("target_", "loss."))}
         # The encoder under the segmentation network's names, whatever the method's module layout.
         state = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
+        prefix = getattr(obj, "encoder_prefix", "encoder.")
+        if prefix != "encoder.":
+            state = {(prefix + k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in state.items()}
         save_model(output, state, {**run_config, "step": step})
         images = obj.preview()
         if images is not None and (step % cfg.preview_every == 0 or step == cfg.steps):

@@ -7,15 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import hippocampus_subset, kill_when_paused
 
 from s3d.cli import main
 
@@ -25,35 +24,18 @@ COMMON = ["--steps", str(STEPS), "--patch-size", "32", "32", "32", "--device", "
           "--val-every", "0", "--checkpoint-every", "1", "--no-tta", "-j", "1"]
 
 
-def _subset(hippocampus_dir: Path, root: Path) -> Path:
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    ids = sorted(p.name[: -len("_0000.nii.gz")] for p in (hippocampus_dir / "imagesTr").glob("*_0000.nii.gz"))
-    for c in ids[:N_CASES]:
-        shutil.copy(hippocampus_dir / "imagesTr" / f"{c}_0000.nii.gz", root / "imagesTr")
-        shutil.copy(hippocampus_dir / "labelsTr" / f"{c}.nii.gz", root / "labelsTr")
-    ds = json.loads((hippocampus_dir / "dataset.json").read_text())
-    (root / "dataset.json").write_text(json.dumps({**ds, "numTraining": N_CASES}))
-    return root
-
-
 @pytest.fixture(scope="module")
 def trained(hippocampus_dir, tmp_path_factory) -> dict:
     """Folds 0 and 1, killed (SIGKILL) while fold 1 saves its step-2 state, then resumed."""
     tmp = tmp_path_factory.mktemp("crossval")
-    ds, run, cache, flag = _subset(hippocampus_dir, tmp / "ds"), tmp / "run", tmp / "cache", tmp / "paused"
+    ds = hippocampus_subset(hippocampus_dir, tmp / "ds", N_CASES)
+    run, cache, flag = tmp / "run", tmp / "cache", tmp / "paused"
     args = ["finetune", str(ds), str(run), "--folds", "0", "1", *COMMON, "--cache-dir", str(cache)]
     # fold 0 saves states at steps 1, 2 and 3; the 5th save is fold 1's at step 2
     env = {**os.environ, "OMP_NUM_THREADS": "1", "S3D_PAUSE_AT": f"state-written:5:{flag}"}
     proc = subprocess.Popen([sys.executable, "-m", "s3d", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while not flag.exists():
-        assert proc.poll() is None, f"ended before the pause point:\n{proc.stdout.read()[-3000:]}"
-        assert time.time() < deadline, "the pause point was never reached"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_paused(proc, flag, timeout=240)
     fold0 = run / "fold_0"
     assert (fold0 / "validation" / "summary.json").is_file()
     assert not (run / "crossval" / "summary.json").exists()

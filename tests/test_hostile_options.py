@@ -9,22 +9,9 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import run_s3d
 
 from s3d.errors import S3DError
-
-
-def _s3d(args: list[str], capsys) -> tuple[int, str]:
-    """`s3d ARGS` in this process as the console script runs it: (exit code, everything printed)."""
-    from s3d.cli import main
-
-    capsys.readouterr()
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out + out.err
 
 
 @pytest.fixture()
@@ -44,7 +31,7 @@ def test_evaluate_never_overwrites_an_input_with_its_summary(labels, capsys, tar
     ref, pred = labels
     victim = ref.parent / target
     before = victim.read_bytes()
-    code, said = _s3d(["evaluate", str(ref), str(pred), "-o", str(victim)], capsys)
+    code, said = run_s3d(["evaluate", str(ref), str(pred), "-o", str(victim)], capsys)
     assert code == 2 and said.strip().count("\n") == 0 and str(victim) in said
     assert victim.read_bytes() == before and not victim.with_suffix(".csv").exists()
 
@@ -52,15 +39,15 @@ def test_evaluate_never_overwrites_an_input_with_its_summary(labels, capsys, tar
 def test_evaluate_may_replace_its_own_earlier_summary(labels, capsys):
     ref, pred = labels
     out = ref.parent / "summary.json"
-    assert _s3d(["evaluate", str(ref), str(pred), "-o", str(out)], capsys)[0] == 0
-    assert _s3d(["evaluate", str(ref), str(pred), "-o", str(out)], capsys)[0] == 0
+    assert run_s3d(["evaluate", str(ref), str(pred), "-o", str(out)], capsys)[0] == 0
+    assert run_s3d(["evaluate", str(ref), str(pred), "-o", str(out)], capsys)[0] == 0
     assert json.loads(out.read_text())["metric_per_case"]
 
 
 @pytest.mark.parametrize("spacing", [["1", "1", "1", "1"], ["1", "1"]])
 def test_preprocess_spacing_takes_exactly_three_numbers(hippocampus_dir, tmp_path, capsys, spacing):
     """Four numbers once made the fourth the OUTPUT and preprocessed the dataset as an unlabeled corpus."""
-    code, said = _s3d(["preprocess", str(hippocampus_dir), str(tmp_path / "out"), "--spacing", *spacing], capsys)
+    code, said = run_s3d(["preprocess", str(hippocampus_dir), str(tmp_path / "out"), "--spacing", *spacing], capsys)
     assert code == 2 and said.strip().count("\n") == 0
     assert f"--spacing takes 'median' or three numbers (X Y Z mm), got {len(spacing)}" in said
     assert "s3d preprocess --help" in said
@@ -68,7 +55,7 @@ def test_preprocess_spacing_takes_exactly_three_numbers(hippocampus_dir, tmp_pat
 
 
 def test_a_click_usage_error_is_one_line(capsys):
-    code, said = _s3d(["evaluate", "/nonexistent/ref", "/nonexistent/pred"], capsys)
+    code, said = run_s3d(["evaluate", "/nonexistent/ref", "/nonexistent/pred"], capsys)
     assert code == 2 and said.strip().count("\n") == 0 and said.startswith("s3d: error: ")
 
 
@@ -165,7 +152,7 @@ def one_thread():
 
 
 def _predict(inp, out, model, capsys, *extra: str) -> tuple[int, str]:
-    return _s3d(["predict", "-i", str(inp), "-o", str(out), "-m", str(model), "--device", "cpu", "--no-tta",
+    return run_s3d(["predict", "-i", str(inp), "-o", str(out), "-m", str(model), "--device", "cpu", "--no-tta",
                  *extra], capsys)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import hippocampus_subset
 
 from s3d import predict
 from s3d.cli import cli
@@ -22,17 +23,7 @@ N_CASES = 8
 @pytest.fixture(scope="module")
 def small_dataset(hippocampus_dir, tmp_path_factory):
     """The first N_CASES real hippocampus cases as an nnU-Net raw dataset."""
-    root = tmp_path_factory.mktemp("data") / "Dataset004_Small"
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (hippocampus_dir / "imagesTr").glob("*_0000.nii.gz"))
-    for c in cases[:N_CASES]:
-        shutil.copy(hippocampus_dir / "imagesTr" / f"{c}_0000.nii.gz", root / "imagesTr")
-        shutil.copy(hippocampus_dir / "labelsTr" / f"{c}.nii.gz", root / "labelsTr")
-    meta = json.loads((hippocampus_dir / "dataset.json").read_text())
-    meta["numTraining"] = N_CASES
-    (root / "dataset.json").write_text(json.dumps(meta))
-    return root
+    return hippocampus_subset(hippocampus_dir, tmp_path_factory.mktemp("data") / "Dataset004_Small", N_CASES)
 
 
 @pytest.fixture(scope="module")

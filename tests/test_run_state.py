@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import kill_when_paused
 from safetensors.torch import load_file, save_file
 
 from s3d.checkpoint import (
@@ -69,16 +70,6 @@ def _run(script: Path, run: Path, resume: bool, pause: str | None = None, flag: 
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _kill_when_paused(proc: subprocess.Popen, flag: Path, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not flag.exists():
-        assert proc.poll() is None, f"the run ended before the pause point:\n{proc.stdout.read()[-2000:]}"
-        assert time.time() < deadline, "the pause point was never reached"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.fixture(scope="module")
 def script(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("script") / "run.py"
@@ -108,7 +99,7 @@ KILLS = [
 def test_sigkill_during_a_save_resumes_from_the_last_complete_state(script, uninterrupted, tmp_path, pause,
                                                                     resume_step):
     run, flag = tmp_path / "run", tmp_path / "paused"
-    _kill_when_paused(_run(script, run, resume=False, pause=pause, flag=flag), flag)
+    kill_when_paused(_run(script, run, resume=False, pause=pause, flag=flag), flag)
     state = find_training_state(run)
     assert state is not None and state.step == resume_step
 
@@ -127,7 +118,7 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_state(script, unin
 
 def test_a_resume_rewrites_an_export_the_kill_left_half_done(script, tmp_path):
     run, flag = tmp_path / "run", tmp_path / "paused"
-    _kill_when_paused(_run(script, run, resume=False, pause="model-written:2", flag=flag), flag)
+    kill_when_paused(_run(script, run, resume=False, pause="model-written:2", flag=flag), flag)
     before = json.loads((run / "config.json").read_text())["step"]
     assert before == 5  # the kill left weights of step 10 beside the config of step 5
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""

@@ -10,27 +10,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import hippocampus_subset, run_s3d
 from safetensors.torch import load_file
 
-from s3d.cli import main
 from s3d.nn.networks import build_network, encoder_prefixes, network_config_from_dict, preset
 from s3d.nn.swin_unetr import SwinUNETRConfig, token_grid_stride
 
 PATCH = ["--patch-size", "64", "64", "64"]  # the smallest cube with more than one token (stride 32)
 N_CASES = 5
 N_PREDICT = 2
-
-
-def _s3d(args: list[str], capsys) -> tuple[int, str]:
-    """`s3d ARGS` in this process, as the console script runs it: (exit code, everything printed)."""
-    capsys.readouterr()
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out + out.err
 
 
 def _one_line_error(code: int, said: str) -> str:
@@ -43,17 +31,7 @@ def _one_line_error(code: int, said: str) -> str:
 @pytest.fixture(scope="module")
 def dataset(hippocampus_dir, tmp_path_factory):
     """The first N_CASES real hippocampus cases as an nnU-Net raw dataset."""
-    root = tmp_path_factory.mktemp("data") / "Dataset004_Small"
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (hippocampus_dir / "imagesTr").glob("*_0000.nii.gz"))
-    for c in cases[:N_CASES]:
-        shutil.copy(hippocampus_dir / "imagesTr" / f"{c}_0000.nii.gz", root / "imagesTr")
-        shutil.copy(hippocampus_dir / "labelsTr" / f"{c}.nii.gz", root / "labelsTr")
-    meta = json.loads((hippocampus_dir / "dataset.json").read_text())
-    meta["numTraining"] = N_CASES
-    (root / "dataset.json").write_text(json.dumps(meta))
-    return root
+    return hippocampus_subset(hippocampus_dir, tmp_path_factory.mktemp("data") / "Dataset004_Small", N_CASES)
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +111,10 @@ def test_simtrot_on_swin_trains_encoder_and_head_through_restored_tokens():
 def test_mae_and_off_grid_patches_on_swin_are_one_line(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
-    line = _one_line_error(*_s3d(["pretrain", str(data), str(tmp_path / "o1"), "--method", "mae", "--arch",
+    line = _one_line_error(*run_s3d(["pretrain", str(data), str(tmp_path / "o1"), "--method", "mae", "--arch",
                                   "swin-unetr-s", *PATCH], capsys))
     assert "--method mae --arch swin-unetr-s: not applicable to a hierarchical transformer" in line
-    line = _one_line_error(*_s3d(["pretrain", str(data), str(tmp_path / "o2"), "--method", "simtrot", "--arch",
+    line = _one_line_error(*run_s3d(["pretrain", str(data), str(tmp_path / "o2"), "--method", "simtrot", "--arch",
                                   "swin-unetr-s", "--patch-size", "48", "48", "48"], capsys))
     assert line.startswith("s3d: error: --patch-size 48 48 48: Swin UNETR needs multiples of") and "32" in line
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
@@ -189,30 +167,30 @@ def test_pretrain_finetune_predict_evaluate_export(runs, dataset, tmp_path, caps
     for img in images:
         shutil.copy(img, inp)
         shutil.copy(dataset / "labelsTr" / img.name.replace("_0000", ""), labels)
-    code, said = _s3d(["predict", "-i", str(inp), "-o", str(tmp_path / "pred"), "-m", str(ft), "--device", "cpu",
+    code, said = run_s3d(["predict", "-i", str(inp), "-o", str(tmp_path / "pred"), "-m", str(ft), "--device", "cpu",
                        "--no-tta"], capsys)
     assert code == 0, said
     for img in images:
         ref, pred = nib.load(img), nib.load(tmp_path / "pred" / img.name.replace("_0000", ""))
         assert pred.shape == ref.shape and np.array_equal(pred.affine, ref.affine)
         assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
-    code, said = _s3d(["evaluate", str(labels), str(tmp_path / "pred"), "-o",
+    code, said = run_s3d(["evaluate", str(labels), str(tmp_path / "pred"), "-o",
                        str(tmp_path / "summary.json")], capsys)
     assert code == 0, said
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["metric_per_case"]) == N_PREDICT and 0 <= summary["foreground_mean"]["Dice"] <= 1
 
     # export the full model: it reloads and predicts the same; encoder only: swinViT.* alone
-    code, said = _s3d(["weights", "export", str(ft), str(tmp_path / "export")], capsys)
+    code, said = run_s3d(["weights", "export", str(ft), str(tmp_path / "export")], capsys)
     assert code == 0, said
-    code, said = _s3d(["predict", "-i", str(inp), "-o", str(tmp_path / "pred2"), "-m", str(tmp_path / "export"),
+    code, said = run_s3d(["predict", "-i", str(inp), "-o", str(tmp_path / "pred2"), "-m", str(tmp_path / "export"),
                        "--device", "cpu", "--no-tta"], capsys)
     assert code == 0, said
     for img in images:
         name = img.name.replace("_0000", "")
         a, b = nib.load(tmp_path / "pred" / name), nib.load(tmp_path / "pred2" / name)
         assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
-    code, said = _s3d(["weights", "export", str(pre), str(tmp_path / "enc"), "--encoder-only"], capsys)
+    code, said = run_s3d(["weights", "export", str(pre), str(tmp_path / "enc"), "--encoder-only"], capsys)
     assert code == 0, said
     enc = load_file(str(tmp_path / "enc" / "model.safetensors"))
     assert enc and all(k.startswith("swinViT.") for k in enc) and enc.keys() == {
@@ -236,7 +214,7 @@ def test_a_swin_model_whose_tensors_do_not_fit_its_config_is_refused_with_one_li
     inp = tmp_path / "in"
     inp.mkdir()
     shutil.copy(sorted((dataset / "imagesTr").glob("*.nii.gz"))[0], inp)
-    line = _one_line_error(*_s3d(["predict", "-i", str(inp), "-o", str(tmp_path / "o"), "-m", str(model),
+    line = _one_line_error(*run_s3d(["predict", "-i", str(inp), "-o", str(tmp_path / "o"), "-m", str(model),
                                   "--device", "cpu"], capsys))
     assert str(model) in line and says in line, line
 
@@ -245,10 +223,10 @@ def test_finetune_from_scratch_takes_the_presets_patch_and_refuses_one_off_the_t
                                                                                            capsys):
     common = [str(dataset), "--arch", "swin-unetr-s", "--device", "cpu", "-j", "1", "--workers", "0",
               "--cache-dir", str(cache)]
-    line = _one_line_error(*_s3d(["finetune", *common[:1], str(tmp_path / "bad"), *common[1:], "--patch-size", "64",
+    line = _one_line_error(*run_s3d(["finetune", *common[:1], str(tmp_path / "bad"), *common[1:], "--patch-size", "64",
                                   "64", "40"], capsys))
     assert "--patch-size 64 64 40: Swin UNETR needs multiples of its token grid stride 32 32 32" in line
-    code, said = _s3d(["finetune", *common[:1], str(tmp_path / "run"), *common[1:], "--steps", "1", "--batch-size",
+    code, said = run_s3d(["finetune", *common[:1], str(tmp_path / "run"), *common[1:], "--steps", "1", "--batch-size",
                        "1", "--val-every", "0"], capsys)
     assert code == 0, said
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -638,12 +638,77 @@ def _from_pickle(obj: Any, path: Path, entry: WeightsEntry | None, source: dict,
     if isinstance(obj, Mapping) and "network_weights" in obj:
         fallback = plan_loader() if plan_loader is not None and not obj.get("nnssl_adaptation_plan") else None
         return convert_nnssl_checkpoint(obj, entry, source, fallback)
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
+    # MONAI research-contributions' trainers save {"epoch", "best_acc", "state_dict"}; others use "model"
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if is_monai_swin(obj):
+            return convert_monai_swin(obj, source)
         sd = drop_dna_duplicates(_strip_wrappers(obj))
         return sd, {"kind": "pretrain", "network": _normalise_network(infer_network_config(sd)), "source": source}
-    raise S3DError(f"{path}: neither an nnssl checkpoint (network_weights) nor a state dict of tensors")
+    raise S3DError(f"{path}: neither an nnssl checkpoint (network_weights) nor a state dict of tensors "
+                   "(a Residual Encoder U-Net or MONAI's Swin UNETR)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MONAI Swin UNETR
+
+MONAI_SWIN_FORMAT = "monai-swin-unetr"
+
+
+def is_monai_swin(sd: Mapping[str, Any]) -> bool:
+    """A MONAI ``SwinUNETR`` state dict (``swinViT.*``) or its bare self-supervised encoder (``patch_embed.*``,
+    ``layersN.*``, as in ``model_swinvit.pt``), with or without DDP / torch.compile prefixes."""
+    return any(k.startswith(("swinViT.patch_embed.", "patch_embed.proj.")) for k in _strip_wrappers(sd))
+
+
+def infer_swin_config(sd: Mapping[str, torch.Tensor]) -> dict:
+    """SwinUNETRConfig fields read off the tensor shapes of an s3d / MONAI Swin UNETR state dict.
+
+    The patch embedding gives in_channels, feature_size and patch_size; the block count of each stage its
+    depth; the relative-position table, (2w - 1)^3 x heads, the heads and the (cubic) window.
+    """
+    from s3d.nn.swin_unetr import NUM_STAGES, SwinUNETRConfig
+
+    embed = sd.get("swinViT.patch_embed.proj.weight")
+    if embed is None or embed.ndim != 5:
+        raise S3DError("tensors are not a 3-D Swin UNETR (no 5-D swinViT.patch_embed.proj.weight)")
+    if any(re.match(r"swinViT\.layers\dc\.", k) for k in sd):
+        # MONAI's use_v2 adds a residual conv block per stage, which s3d's Swin UNETR does not have
+        raise S3DError("MONAI SwinUNETR(use_v2=True) weights (swinViT.layersNc.*) are not supported")
+    depths, heads, windows = [], [], set()
+    for s in range(1, NUM_STAGES + 1):
+        blocks = _indices(sd, f"swinViT.layers{s}.0.blocks.")
+        table = sd.get(f"swinViT.layers{s}.0.blocks.0.attn.relative_position_bias_table")
+        if not blocks or table is None or table.ndim != 2:
+            raise S3DError(f"Swin UNETR tensors lack encoder stage {s} (swinViT.layers{s}.0.blocks.*)")
+        side = round(table.shape[0] ** (1 / 3))
+        if side ** 3 != table.shape[0] or side % 2 == 0:
+            raise S3DError(f"swinViT.layers{s}: relative-position table of {table.shape[0]} rows is not a cubic "
+                           "window's (2w - 1)^3")
+        depths.append(len(blocks))
+        heads.append(int(table.shape[1]))
+        windows.add((side + 1) // 2)
+    if len(windows) != 1:
+        raise S3DError(f"Swin UNETR stages use different windows {sorted(windows)}")
+    head = sd.get("out.conv.conv.weight")
+    cfg = SwinUNETRConfig(in_channels=int(embed.shape[1]), num_classes=int(head.shape[0]) if head is not None else 1,
+                          feature_size=int(embed.shape[0]), depths=tuple(depths), num_heads=tuple(heads),
+                          window_size=(windows.pop(),) * 3, patch_size=tuple(int(k) for k in embed.shape[2:]))
+    return cfg.to_dict()
+
+
+def convert_monai_swin(sd: Mapping[str, torch.Tensor], source: dict) -> tuple[dict, dict]:
+    """MONAI SwinUNETR / SSL-encoder tensors -> (s3d state dict, pre-training config with the matching network)."""
+    from s3d.nn.swin_unetr import convert_monai_state_dict
+
+    out = convert_monai_state_dict(sd)
+    encoder_only = not any(not k.startswith("swinViT.") for k in out)
+    return out, {"kind": "pretrain", "network": infer_swin_config(out),
+                 "source": {"format": MONAI_SWIN_FORMAT, **source, "encoder_only": encoder_only,
+                            "dropped_keys": len(sd) - len(out)}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -766,7 +831,7 @@ def _load_or_convert(pth: Path, repo_id: str, entry: WeightsEntry | None, cache:
 
     `origin` (which registry id / alias answered) goes into the converted config's `source`.
     """
-    from s3d.checkpoint import read_json, save_model
+    from s3d.checkpoint import read_json
 
     filename = filename or pth.name
     sha = _snapshot_sha(pth)
@@ -780,7 +845,15 @@ def _load_or_convert(pth: Path, repo_id: str, entry: WeightsEntry | None, cache:
                        "delete it from the cache and download again")
     source = {"repo_id": repo_id, "revision": sha, "filename": filename, "sha256": digest, **(origin or {})}
     sd, config = _from_pickle(load_pickle_weights_only(pth), pth, entry, source, plan_loader)
+    _save_converted(target, sd, config)
+    return ResolvedWeights(config=read_json(target / CONFIG_FILE), source=desc, path=target / MODEL_FILE)
+
+
+def _save_converted(target: Path, sd: dict, config: dict) -> None:
+    from s3d.checkpoint import save_model
+
     # Written in a private folder and renamed, so a concurrent or killed conversion never leaves a half one.
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(tmp, sd, config)
@@ -788,7 +861,6 @@ def _load_or_convert(pth: Path, repo_id: str, entry: WeightsEntry | None, cache:
         os.replace(tmp, target)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    return ResolvedWeights(config=read_json(target / CONFIG_FILE), source=desc, path=target / MODEL_FILE)
 
 
 # The Hub's repo id rule (huggingface_hub validate_repo_id): owner/name of letters, digits, "-", "_", ".",
@@ -871,7 +943,7 @@ def _resolve_hub_repo(repo_id: str, revision: str | None, entry: WeightsEntry | 
 # local files
 
 
-def _resolve_local(path: Path) -> ResolvedWeights:
+def _resolve_local(path: Path, cache_dir: str | Path | None = None) -> ResolvedWeights:
     from s3d.checkpoint import load_tensors, read_json
 
     if path.is_dir():
@@ -893,9 +965,27 @@ def _resolve_local(path: Path) -> ResolvedWeights:
         return ResolvedWeights(config=config, source=f"{path} (config inferred from tensor shapes)", path=path,
                                _state_dict=sd)
     if suffix in (".pth", ".pt"):
-        sd, config = _from_pickle(load_pickle_weights_only(path), path, None, {"path": str(path)})
-        return ResolvedWeights(config=config, source=f"{path} (converted in memory)", _state_dict=sd)
+        return _resolve_local_pickle(path, cache_dir)
     raise S3DError(f"{path}: unsupported weights file (expected a folder, .safetensors, .pth or .pt)")
+
+
+def _resolve_local_pickle(path: Path, cache_dir: str | Path | None) -> ResolvedWeights:
+    """A local .pth / .pt. MONAI Swin UNETR weights are converted once into <cache>/s3d-converted/local--<sha256>--
+    <name>/ (keyed by content, so an edited file converts again) and read from there afterwards; other pickles
+    (nnssl, ResEnc state dicts) are converted in memory as before."""
+    from s3d.checkpoint import read_json
+
+    digest = _sha256(path)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).strip("-.") or "weights"
+    target = _cache_root(cache_dir) / CONVERTED_DIR / f"local--{digest[:16]}--{name}"
+    desc = f"{path} (converted into {target})"
+    if (target / CONFIG_FILE).exists() and (target / MODEL_FILE).exists():
+        return ResolvedWeights(config=read_json(target / CONFIG_FILE), source=desc, path=target / MODEL_FILE)
+    sd, config = _from_pickle(load_pickle_weights_only(path), path, None, {"path": str(path), "sha256": digest})
+    if config.get("source", {}).get("format") != MONAI_SWIN_FORMAT:
+        return ResolvedWeights(config=config, source=f"{path} (converted in memory)", _state_dict=sd)
+    _save_converted(target, sd, config)
+    return ResolvedWeights(config=read_json(target / CONFIG_FILE), source=desc, path=target / MODEL_FILE)
 
 
 _REPO_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
@@ -908,7 +998,9 @@ def resolve_weights(spec: str, cache_dir: str | Path | None = None, local_files_
     `spec` is tried, in this order, as:
       1. a local path that exists: a folder with config.json + model.safetensors (an s3d run or export; a
          folder with an nnssl checkpoint_final.pth also works), a .safetensors file (config.json beside it,
-         else the network is inferred from tensor shapes), or a .pth/.pt file (torch.load weights_only=True);
+         else the network is inferred from tensor shapes), or a .pth/.pt file (torch.load weights_only=True:
+         an nnssl checkpoint, a ResEnc state dict, or MONAI Swin UNETR weights, which are converted once into
+         `<cache_dir>/s3d-converted/`);
       2. a registry name (`s3d weights list`), optionally `NAME@REVISION`;
       3. a Hub repo id `owner/name` or `owner/name@REVISION` (also https://huggingface.co/owner/name): its
          model.safetensors + config.json, else its nnssl checkpoint_final.pth.
@@ -944,7 +1036,7 @@ def _naming(e: S3DError, spec: str) -> S3DError:
 def _resolve(spec: str, cache_dir: str | Path | None, local_files_only: bool | None) -> ResolvedWeights:
     path = Path(spec).expanduser()
     if path.exists():
-        return _resolve_local(path)
+        return _resolve_local(path, cache_dir)
     env_offline = _env_offline()
     local_only = env_offline if local_files_only is None else bool(local_files_only)
     name, _, revision = spec.partition("@")

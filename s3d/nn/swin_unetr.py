@@ -660,7 +660,9 @@ def convert_monai_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.
     DDP / torch.compile prefixes are stripped. Keys of a bare encoder (``patch_embed.*``, ``layersN.*``, as
     in MONAI's released self-supervised weights ``model_swinvit.pt``, Tang et al. 2022) move under
     ``swinViT.``; what has no counterpart in Swin UNETR (their pre-training heads, a final ``norm``) is
-    dropped. Load the result with ``strict=False`` when it holds only the encoder.
+    dropped. That encoder names the MLP layers ``mlp.fc1`` / ``mlp.fc2``, which MONAI's ``load_from`` copies
+    into ``mlp.linear1`` / ``mlp.linear2``; they are renamed the same way. Load the result with
+    ``strict=False`` when it holds only the encoder.
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
@@ -674,6 +676,7 @@ def convert_monai_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.
             k = "swinViT." + k
         elif not k.startswith(_UNETR_ROOTS):
             continue
+        k = k.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
         out[k] = value
     return out
 

@@ -11,10 +11,19 @@ On a fixed internal split of Dataset004_Hippocampus (fold 0 of s3d's 5-fold spli
    seeds both ran) with a 95% bootstrap interval over the validation cases and the per-case win rate
    (s3d.compare.paired_bootstrap, as `s3d evaluate REF A B` reports it).
 
+`--backbones swin` adds (or, alone, runs only) the SimTROT paper's own setting (issue 15): Swin UNETR
+(`--swin-arch`, default swin-unetr-s) from scratch vs SimTROT vs B-TROT pre-trained on the TRAINING-split
+images only (no unlabeled volumes), with s3d's Swin pre-training defaults (the paper's SGD, lr 1e-4, Nesterov
+0.99; w = 5, tau = 0.5, view-A mask ratio 0.75). Its arms are named swin_scratch, swin_simtrot, swin_btrot
+(run folders pretrain_swin_*, ft_swin_*), so both backbones can share one --out and one report, and each
+pre-trained arm is paired against the scratch arm of its own backbone.
+
 Everything is resumable: finished runs are skipped, so the study can be stopped and restarted.
 
     python benchmarks/low_data.py --out runs/low_data            # full study (hours on 2 CPU cores)
-    python benchmarks/low_data.py --out runs/ld --ns 5 --seeds 0 --finetune-steps 50 --pretrain-steps 20
+    python benchmarks/low_data.py --out runs/ld --ns 5 --seeds 0 --finetune-steps 50 --simtrot-steps 20
+    python benchmarks/low_data.py --out runs/ld_swin --backbones swin --ns 5 --seeds 0 --finetune-steps 3 \
+        --swin-pretrain-steps 2 --val-cases 4                        # Swin arms only, smoke size
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from s3d.files import write_json
+
+SWIN_PREFIX = "swin_"  # arm-name prefix of the Swin UNETR arms; their reference arm is swin_scratch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("S3D_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -66,7 +77,7 @@ def _draw_plot(results: dict, ns: list, path: Path, n_all: int, title: str) -> N
     ax.set_xticks([xs[n] for n in ns], [f"{xs[n]}" + (" (all)" if n == "all" else "") for n in ns])
     ax.minorticks_off()
     ax.set_xlabel("labeled training cases N")
-    ax.set_ylabel("mean foreground Dice (42 val cases)")
+    ax.set_ylabel("mean foreground Dice (fold-0 val cases)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -110,6 +121,11 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
+def _reference_arm(arm: str) -> str:
+    """The scratch arm a pre-trained arm is compared with: the same backbone, randomly initialised."""
+    return f"{SWIN_PREFIX}scratch" if arm.startswith(SWIN_PREFIX) else "scratch"
+
+
 def _pretrain_job(method: str, run: Path, data: list[Path], spec: dict) -> dict:
     from s3d.data.curation import CurationConfig
     from s3d.train.pretrain import PretrainConfig, pretrain
@@ -117,6 +133,7 @@ def _pretrain_job(method: str, run: Path, data: list[Path], spec: dict) -> dict:
     t = time.time()
     if (run / "config.json").exists() and json.loads((run / "config.json").read_text()).get("step", 0) >= spec["steps"]:
         return {"job": run.name, "wall_s": 0.0, "skipped": "finished earlier"}
+    # lr stays None (PretrainConfig's per-arch default): for Swin UNETR that is the SimTROT paper's 1e-4
     cfg = PretrainConfig(method=method, arch=spec["arch"], patch_size=tuple(spec["patch"]),
                          batch_size=spec["batch"], steps=spec["steps"], device=spec["device"],
                          checkpoint_every=max(1, spec["steps"] // 10), preview_every=max(1, spec["steps"] // 4))
@@ -179,6 +196,20 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="runs in parallel, one thread each")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--backbones", nargs="+", default=["resenc"], choices=["resenc", "swin"],
+                    help="resenc: the ResEnc arms (scratch, --methods); swin: the Swin UNETR arms (swin_scratch, "
+                         "swin_ + --swin-methods), pre-trained on the training-split images only (SimTROT's setting)")
+    ap.add_argument("--swin-arch", default="swin-unetr-s", help="Swin UNETR preset of the swin arms")
+    ap.add_argument("--swin-methods", nargs="+", default=["simtrot", "btrot"], choices=["simtrot", "btrot"])
+    ap.add_argument("--swin-patch", nargs=3, type=int, default=[64, 64, 64],
+                    help="pre-training and fine-tuning patch of the swin arms (a multiple of 32: Swin UNETR's "
+                         "patch 2 embedding and 4 merges); the 35x50x35 crops are padded to it")
+    ap.add_argument("--swin-pretrain-steps", type=int, default=1000,
+                    help="per method; ~1 s/step on one core at 64^3, batch 2 (the paper: 1000 epochs, Sec. 4.2)")
+    ap.add_argument("--swin-pretrain-batch", type=int, default=2,
+                    help="SimTROT's batch (paper Sec. 4.2); 2 still gives each volume another one to contrast with")
+    ap.add_argument("--val-cases", type=int, default=None,
+                    help="evaluate only the first K fold-0 validation cases (smoke tests; default all 42)")
     ap.add_argument("--report-only", action="store_true", help="tabulate the finished runs in --out, train nothing")
     args = ap.parse_args()
 
@@ -191,6 +222,7 @@ def main() -> None:
     labels = json.loads((args.data / "dataset.json").read_text())["labels"]
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (args.data / "imagesTr").glob("*_0000.nii.gz"))
     train_ids, val_ids = split_cases(cases, FinetuneConfig(fold=0))
+    val_ids = val_ids[: args.val_cases] if args.val_cases else val_ids
     train_imgs = _link_images(train_ids, args.data / "imagesTr", out / "train_images")
     val_imgs = _link_images(val_ids, args.data / "imagesTr", out / "val_images")
     val_refs = out / "val_labels"
@@ -198,44 +230,70 @@ def main() -> None:
     for c in val_ids:
         if not (val_refs / f"{c}.nii.gz").exists():
             (val_refs / f"{c}.nii.gz").symlink_to((args.data / "labelsTr" / f"{c}.nii.gz").resolve())
+    # One entry per backbone: its arms (scratch first), the methods behind them, what they pre-train on
+    # and the network/patches every arm of that backbone shares.
+    swin = "swin" in args.backbones
+    backbones: list[dict] = []
+    if "resenc" in args.backbones:
+        backbones.append({"prefix": "", "arch": args.arch, "methods": args.methods, "patch": args.patch_size,
+                          "pretrain_patch": args.pretrain_patch, "data": [args.unlabeled, train_imgs]})
+    if swin:
+        # The paper's own setting: pre-training sees the task's training images and nothing else.
+        backbones.append({"prefix": SWIN_PREFIX, "arch": args.swin_arch, "methods": args.swin_methods,
+                          "patch": args.swin_patch, "pretrain_patch": args.swin_patch, "data": [train_imgs]})
+    arms = [f"{b['prefix']}{a}" for b in backbones for a in ["scratch", *b["methods"]]]
     if args.report_only:
-        report(out, args, ["scratch", *args.methods], len(train_ids), len(val_ids), float("nan"))
+        report(out, args, arms, len(train_ids), len(val_ids), float("nan"))
         return
+    if swin:  # a patch off the token grid fails here, before hours of ResEnc runs
+        from s3d.nn.networks import check_patch_size, preset
+
+        check_patch_size(args.swin_patch, preset(args.swin_arch), "--swin-patch")
     # Caches are filled here, once, so parallel runs never race to write them.
     prepared = prepare_data(args.data, (1.0, 1.0, 1.0))
-    pretrain_data = [args.unlabeled, train_imgs]
-    if args.methods:
-        prepare_corpus(pretrain_data, PretrainConfig(patch_size=tuple(args.pretrain_patch)),
-                       curation=CurationConfig(min_fov_fraction=0))
+    for b in backbones:
+        if b["methods"]:
+            prepare_corpus(b["data"], PretrainConfig(patch_size=tuple(b["pretrain_patch"])),
+                           curation=CurationConfig(min_fov_fraction=0))
     t0 = time.time()
 
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx, initializer=_worker_init)
-    base = out / f"pretrain_{args.methods[0]}" if args.methods else None
-    common = {"arch": args.arch, "device": args.device, "amp": args.amp}
+    common = {"device": args.device, "amp": args.amp}
     futures = []
     pretrained = {}
-    for method in args.methods:
-        steps = args.mae_steps if method == "mae" else args.simtrot_steps
-        batch = args.batch_size if method == "mae" else max(2, args.simtrot_batch)
-        spec = common | {"patch": args.pretrain_patch, "steps": steps, "batch": batch}
-        pretrained[method] = pool.submit(_pretrain_job, method, out / f"pretrain_{method}", pretrain_data, spec)
+    # arm -> (its backbone, the pre-training run that fixes its network, or None)
+    by_arm: dict[str, tuple[dict, Path | None]] = {}
+    for b in backbones:
+        base = out / f"pretrain_{b['prefix']}{b['methods'][0]}" if b["methods"] else None
+        for method in b["methods"]:
+            arm = f"{b['prefix']}{method}"
+            if b["prefix"] == SWIN_PREFIX:
+                steps, batch = args.swin_pretrain_steps, max(2, args.swin_pretrain_batch)
+            else:
+                steps = args.mae_steps if method == "mae" else args.simtrot_steps
+                batch = args.batch_size if method == "mae" else max(2, args.simtrot_batch)
+            spec = common | {"arch": b["arch"], "patch": b["pretrain_patch"], "steps": steps, "batch": batch}
+            pretrained[arm] = pool.submit(_pretrain_job, method, out / f"pretrain_{arm}", b["data"], spec)
+        for a in ["scratch", *b["methods"]]:
+            by_arm[f"{b['prefix']}{a}"] = (b, base)
 
     def finetune_spec(arm: str, n: str, seed: int) -> dict:
-        weights = out / f"pretrain_{arm}" if arm != "scratch" else base
-        return common | {"patch": args.patch_size, "batch": args.batch_size, "steps": args.finetune_steps,
-                         "lr": args.lr, "n": None if n == "all" else int(n), "seed": seed, "tta": args.tta,
-                         "weights": str(weights) if weights else None,
-                         "from_scratch": arm == "scratch" and base is not None}
+        b, base = by_arm[arm]
+        scratch = arm == _reference_arm(arm)
+        weights = out / f"pretrain_{arm}" if not scratch else base
+        return common | {"arch": b["arch"], "patch": b["patch"], "batch": args.batch_size,
+                         "steps": args.finetune_steps, "lr": args.lr, "n": None if n == "all" else int(n),
+                         "seed": seed, "tta": args.tta, "weights": str(weights) if weights else None,
+                         "from_scratch": scratch and base is not None}
 
     # Every arm trains the network of the pre-training (scratch: that network, randomly initialised), so
     # fine-tuning starts once pre-training is done. Seed-major order: if the study is cut short, whole
     # seeds are complete for every arm and N.
     for f in pretrained.values():
         print(f.result(), flush=True)
-    arms = ["scratch", *args.methods]
     for seed in args.seeds:
         for n in args.ns:
             for arm in arms:
@@ -307,18 +365,19 @@ def _paired_table(out: Path, results: dict, ns: list, seeds: list[int]) -> tuple
     says whether the difference is larger than the case-to-case noise of this validation set."""
     from s3d.compare import paired_bootstrap
 
-    if not results.get("scratch"):
+    if not any(results.get(_reference_arm(arm)) for arm in results):
         return [], {}
-    lines = ["", "Dice minus scratch, paired by case (per case averaged over the seeds both ran), in points: "
-             "mean [95% bootstrap CI over cases], cases won:", "",
+    lines = ["", "Dice minus scratch of the same backbone (swin_* arms: swin_scratch), paired by case (per case "
+             "averaged over the seeds both ran), in points: mean [95% bootstrap CI over cases], cases won:", "",
              "| arm | " + " | ".join(f"N={n}" for n in ns) + " |", "| --- |" + " --- |" * len(ns)]
     stats: dict = {}
     for arm in results:
-        if arm == "scratch":
+        ref = _reference_arm(arm)
+        if arm == ref:
             continue
         cells = []
         for n in ns:
-            pairs = [(_case_dice(out, arm, str(n), s), _case_dice(out, "scratch", str(n), s)) for s in seeds]
+            pairs = [(_case_dice(out, arm, str(n), s), _case_dice(out, ref, str(n), s)) for s in seeds]
             pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
             if not pairs:
                 cells.append("-")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ def crossval_finetune(dataset: str | Path, run: str | Path, cfg: Any, folds: Seq
     "crossval": summary or None, "postprocessing": decision dict or None}."""
     from s3d.env import world_size
     from s3d.files import prepare_output_dir
-    from s3d.train.finetune import FinetuneConfig
+    from s3d.train.finetune import FinetuneConfig, settings_json
     from s3d.train.run_folder import run_lock, settings_from_saved
 
     dataset = Path(dataset)
@@ -151,7 +151,7 @@ def crossval_finetune(dataset: str | Path, run: str | Path, cfg: Any, folds: Seq
         else:
             if not resume:
                 _check_new_run(run)
-            settings_dict = {"folds": folds, "finetune": _jsonable(asdict(cfg))}
+            settings_dict = {"folds": folds, "finetune": settings_json(cfg)}
             write_json(settings, settings_dict)
         summaries = {}
         for k in folds:
@@ -238,6 +238,3 @@ def crossval_summary(run: str | Path, dataset: str | Path | None = None) -> dict
                f"{decision.dice_after.get('foreground_mean')}); wrote {out} and {run / POSTPROCESSING_FILE}")
     return {"crossval": merged, "postprocessing": record, "summary_path": str(out)}
 
-
-def _jsonable(d: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

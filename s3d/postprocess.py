@@ -102,13 +102,9 @@ def apply_postprocessing(seg: np.ndarray, decision: PostprocessingDecision | Non
 
 
 def _dice_per_label(ref: np.ndarray, pred: np.ndarray, labels: Sequence[int]) -> np.ndarray:
-    out = np.full(len(labels), np.nan)
-    for i, v in enumerate(labels):
-        r, p = ref == v, pred == v
-        total = int(r.sum()) + int(p.sum())
-        if total:
-            out[i] = 2.0 * int((r & p).sum()) / total
-    return out
+    from s3d.metrics import dice
+
+    return np.array([dice(ref == v, pred == v) for v in labels], dtype=np.float64)
 
 
 def _case_rows(ref: np.ndarray, pred: np.ndarray, labels: Sequence[int]) -> dict[str, np.ndarray]:
@@ -181,12 +177,6 @@ def determine_postprocessing(pairs: Sequence[tuple[Path, Path]], labels: Sequenc
         for k, v in _case_rows(ref, pred, labels).items():
             collected.setdefault(k, []).append(v)
     return decide_from_rows({k: np.stack(v) for k, v in collected.items()}, labels)
-
-
-def write_decision(decision: PostprocessingDecision, path: str | Path) -> None:
-    from s3d.files import write_json
-
-    write_json(path, decision.to_dict())
 
 
 def load_decision(path: str | Path) -> PostprocessingDecision | None:

@@ -150,14 +150,13 @@ def predict_probabilities(
     groups: dict[str, list[Predictor]] = {}
     for p in predictors:
         groups.setdefault(json.dumps(p.config["plan"], sort_keys=True), []).append(p)
-    for members in groups.values():  # every member is checked before the first is run
-        plan = Plan.from_dict(members[0].config["plan"])
+    plans = {key: Plan.from_dict(members[0].config["plan"]) for key, members in groups.items()}
+    for key, members in groups.items():  # every member is checked before the first is run
         for p in members:
-            check_prediction_memory(p, images.shape[-3:], geometry, plan.target_spacing)
+            check_prediction_memory(p, images.shape[-3:], geometry, plans[key].target_spacing)
     total: np.ndarray | None = None
-    for members in groups.values():
-        plan = Plan.from_dict(members[0].config["plan"])
-        data, _, props = preprocess_case(images, geometry, plan)
+    for key, members in groups.items():
+        data, _, props = preprocess_case(images, geometry, plans[key])
         data = torch.from_numpy(np.ascontiguousarray(data))
         acc = None
         for p in members:

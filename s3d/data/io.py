@@ -479,7 +479,7 @@ def output_problem(path: str | Path, shape: Sequence[int]) -> str | None:
     except OSError as e:
         return _one_line(e)
     except S3DError as e:
-        return " ".join(str(e).split()).removeprefix(f"{path}: ")
+        return _reason(e, path)
     if h.spatial_shape != want:
         return f"shape {h.spatial_shape or h.shape} is not the input's {want}"
     if h.truncated:
@@ -496,8 +496,13 @@ def output_problem(path: str | Path, shape: Sequence[int]) -> str | None:
     try:
         _load(path)
     except S3DError as e:
-        return " ".join(str(e).split()).removeprefix(f"{path}: ")
+        return _reason(e, path)
     return None
+
+
+def _reason(e: S3DError, path: Path) -> str:
+    """A reader's one-line error about `path`, without the path it starts with."""
+    return " ".join(str(e).split()).removeprefix(f"{path}: ")
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:

@@ -290,13 +290,13 @@ def _finetune(dataset: Path, output: Path, cfg: FinetuneConfig, *, resume: bool,
         "patch_size": list(cfg.patch_size),
         "labels": plan.labels,
         "channel_names": {str(k): v for k, v in plan.channel_names.items()},
-        "finetune": _jsonable(asdict(cfg)),
+        "finetune": settings_json(cfg),
         "train": train_cfg.to_dict(),
         "data": {"preprocessed": str(data_dir), "train_cases": train_ids, "val_cases": val_ids},
         "transfer": transfer_report,
     }
     if saved is None:
-        write_settings(output, SETTINGS_FILE, _jsonable(asdict(cfg)))
+        write_settings(output, SETTINGS_FILE, settings_json(cfg))
 
     def make_batches(start_step: int):
         ds = PatchDataset([by_id[i] for i in train_ids], cfg.patch_size, cfg.batch_size,
@@ -354,5 +354,6 @@ def _median_patch(cases: list, net_cfg=None) -> tuple[int, int, int]:  # noqa: A
     return tuple(int(min(128, max(16, m))) for m in med)
 
 
-def _jsonable(d: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+def settings_json(cfg: FinetuneConfig) -> dict:
+    """`cfg` as the JSON object saved in a run's settings (tuples as lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}

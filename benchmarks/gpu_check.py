@@ -9,8 +9,8 @@ Sections (`--sections`, in this order):
             forward+backward of the same network, S3D sparse MAE and SimTROT, at each --batches, with and
             without channels_last_3d (and MAE at the largest batch with cudnn.benchmark on): median
             s/step over --steps synchronised steps after --warmup, peak torch.cuda.max_memory_allocated
-            (reset per configuration), conv TFLOP/s (Conv3d / ConvTranspose3d FLOPs counted from the
-            layers' output shapes by forward hooks, x3 for forward + backward) against --peak-tflops;
+            (reset per configuration), conv TFLOP/s (the FLOPs of every forward convolution that runs,
+            block-sparse cells included, x3 for forward + backward) against --peak-tflops;
   finetune  the fine-tuning step at the paper's setting (s3d.train.finetune.SegmentationObjective with
             Augmenter.for_segmentation, deep supervision, batch 2), and the augmentation alone;
   predict   sliding window (s3d.infer.sliding_window_predict, autocast, TTA off and on) over a
@@ -192,40 +192,35 @@ def peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
-def conv_layer_flops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> float:
-    """Forward FLOPs (2 per multiply-add) of one Conv3d / ConvTranspose3d call, bias left out.
-
-    A convolution does in_channels/groups x prod(kernel) multiply-adds per output voxel and channel; a
-    transposed one scatters each input voxel to out_channels/groups x prod(kernel) outputs.
-    """
-    k = math.prod(module.kernel_size)
-    if isinstance(module, nn.ConvTranspose3d):
-        return 2.0 * inp.numel() * (module.out_channels // module.groups) * k
-    return 2.0 * out.numel() * (module.in_channels // module.groups) * k
-
-
 @contextmanager
-def count_conv_flops(model: nn.Module) -> Iterator[dict]:
-    """Within the block, every Conv3d / ConvTranspose3d call of `model` adds its forward FLOPs to
-    record["flops"]; record["first"] describes the first call (for checking against the formula)."""
+def count_conv_flops() -> Iterator[dict]:
+    """Within the block, every forward convolution (``aten.convolution``: Conv3d and ConvTranspose3d modules
+    and functional convs alike, e.g. the block-sparse stages' convs of visible cells) adds its forward FLOPs
+    to record["flops"]; record["first"] describes the first call (for checking against the formula)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     record: dict = {"flops": 0.0, "calls": 0, "first": None}
 
-    def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        f = conv_layer_flops(m, args[0], out)
-        record["flops"] += f
-        record["calls"] += 1
-        if record["first"] is None:
-            record["first"] = {"type": type(m).__name__, "in_channels": m.in_channels,
-                               "out_channels": m.out_channels, "kernel": list(m.kernel_size), "groups": m.groups,
-                               "input_shape": list(args[0].shape), "output_shape": list(out.shape), "flops": f}
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.convolution.default:
+                inp, weight, transposed, groups = args[0], args[1], bool(args[6]), int(args[8])
+                k = math.prod(weight.shape[2:])
+                # weight (C_out, C_in/g, *k) for a conv, (C_in, C_out/g, *k) for a transposed conv
+                f = 2.0 * (inp.numel() if transposed else out.numel()) * weight.shape[1] * k
+                record["flops"] += f
+                record["calls"] += 1
+                if record["first"] is None:
+                    c_in = weight.shape[0] if transposed else weight.shape[1] * groups
+                    c_out = weight.shape[1] * groups if transposed else weight.shape[0]
+                    record["first"] = {"type": "ConvTranspose3d" if transposed else "Conv3d", "in_channels": c_in,
+                                       "out_channels": c_out, "kernel": list(weight.shape[2:]), "groups": groups,
+                                       "input_shape": list(inp.shape), "output_shape": list(out.shape), "flops": f}
+            return out
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
-    try:
+    with Counter():
         yield record
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def time_steps(step: Callable[[], object], warmup: int, steps: int, device: torch.device, budget: Budget
@@ -369,8 +364,10 @@ def pretrain_objective(method: str, s: Settings, batch: int) -> nn.Module:
     from s3d.data.augment import Augmenter
     from s3d.train.pretrain import PretrainConfig, make_objective, network_config
 
-    cfg = PretrainConfig(method="mae" if method == "dense" else method, arch=s.arch, patch_size=(s.patch,) * 3,
-                         batch_size=batch, spacing=(1.0, 1.0, 1.0))
+    # "mae-emulated": S3D's masked dense emulation on every stage (`--no-block-sparse`), beside the default
+    cfg = PretrainConfig(method="mae" if method in ("dense", "mae-emulated") else method, arch=s.arch,
+                         patch_size=(s.patch,) * 3, batch_size=batch, spacing=(1.0, 1.0, 1.0),
+                         block_sparse=method != "mae-emulated")
     net_cfg = network_config(cfg)
     augmenter = Augmenter.for_pretraining(cfg.patch_size) if cfg.augment else None
     torch.manual_seed(0)
@@ -393,13 +390,13 @@ def run_pretrain_config(s: Settings, budget: Budget, method: str, batch: int, ch
             objective = objective.to(memory_format=fmt)
         x = torch.randn(batch, 1, *(s.patch,) * 3, device=s.device).contiguous(memory_format=fmt)
         data = {"image": x}
-        if method == "mae":
+        if method.startswith("mae"):
             data["valid"] = torch.ones_like(x, dtype=torch.uint8)
         step = train_step(objective, lambda: data, s)
         # the first (eager) step counts the FLOPs; hooks stay out of the compiled graph, where removing
         # them afterwards would force a recompilation
         t = time.perf_counter()
-        with count_conv_flops(objective) as flops:
+        with count_conv_flops() as flops:
             step()
         sync(s.device)
         row["first_step_s"] = round(time.perf_counter() - t, 3)
@@ -434,6 +431,7 @@ def section_pretrain(s: Settings, budget: Budget, res: dict, write: Callable[[],
                if not (m == "simtrot" and b < 2)]
     if "mae" in s.methods:
         configs.append(("mae", max(s.batches), False, True))
+        configs.append(("mae-emulated", max(s.batches), False, False))
     res["input"] = "random normal patches (timing only); augmentation as s3d pretrain"
     rows: list[dict] = []
     for method, batch, cl, bench in configs:
@@ -494,7 +492,7 @@ def section_finetune(s: Settings, budget: Budget, res: dict, write: Callable[[],
     objective = SegmentationObjective(ResEncUNet(net_cfg), augmenter).to(s.device)
     data = {"image": torch.from_numpy(image).to(s.device), "seg": torch.from_numpy(seg).to(s.device)}
     step = train_step(objective, lambda: data, s)
-    with count_conv_flops(objective.network) as flops:
+    with count_conv_flops() as flops:
         step()
     res.update(arch=s.arch, patch=list(patch), batch=s.finetune_batch, deep_supervision=True,
                conv_flops_forward=flops["flops"], first_conv=flops["first"])

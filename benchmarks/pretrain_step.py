@@ -54,8 +54,7 @@ def build(arch: str, patch: int, batch: int, device: torch.device, mode: str, am
         block = default_block_size(cfg.patch_size, net_cfg)
         mask = random_block_mask(batch, cfg.patch_size, block, ratio, torch.Generator().manual_seed(1)).to(device)
         module = MAEModel(net_cfg)
-        if mode == "block":
-            module.block_sparse = True
+        module.block_sparse = mode == "block"  # "sparse": the masked dense emulation on every stage
         criterion = MaskedMSELoss()
 
         def loss_fn() -> torch.Tensor:

@@ -71,24 +71,35 @@ def test_report_structure(smoke: dict) -> None:
 
 def test_pretrain_rows(smoke: dict) -> None:
     runs = smoke["sections"]["pretrain"]["runs"]
-    # dense and mae, each with and without channels_last_3d, and mae with cudnn.benchmark
+    # dense and mae, each with and without channels_last_3d, mae with cudnn.benchmark, and the emulated mae
     assert [(r["method"], r["channels_last_3d"], r["cudnn_benchmark"]) for r in runs] == [
         ("dense", False, False), ("dense", True, False), ("mae", False, False), ("mae", True, False),
-        ("mae", False, True)]
+        ("mae", False, True), ("mae-emulated", False, False)]
     for r in runs:
         assert r["status"] == "ok", r.get("error")
         assert r["steps"] == 4 and len(r["step_s"]) == 4 and not r["truncated"]
         assert r["median_s"] == pytest.approx(statistics.median(r["step_s"]), abs=1e-5)
         assert r["conv_flops_per_step"] == 3 * r["conv_flops_forward"]
-        # the first conv is the stem: 1 input channel, 3^3 kernel, stride 1 at 32^3, batch 2
+        # the first conv is the stem: 1 input channel, 3^3 kernel, stride 1, at 32^3 x batch 2 on the dense
+        # paths and on the visible e^3 cells (input: the cells with a one-voxel halo) on the block-sparse one,
+        # where the masking (60-90% of the cells) leaves 10-40% of them
         first = r["first_conv"]
         assert first["type"] == "Conv3d" and first["in_channels"] == 1 and first["kernel"] == [3, 3, 3]
-        assert first["output_shape"] == [2, first["out_channels"], 32, 32, 32]
+        if r["method"] == "mae":
+            n, e = first["output_shape"][0], first["output_shape"][2]
+            assert 32 % e == 0 and first["output_shape"] == [n, first["out_channels"], e, e, e]
+            assert 2 * (32 // e) ** 3 * 0.1 <= n <= 2 * (32 // e) ** 3 * 0.4
+            assert first["input_shape"] == [n, 1, e + 2, e + 2, e + 2]
+        else:
+            assert first["output_shape"] == [2, first["out_channels"], 32, 32, 32]
         assert first["flops"] == 2 * math.prod(first["output_shape"]) * 1 * 27
     by = {(r["method"], r["channels_last_3d"], r["cudnn_benchmark"]): r for r in runs}
-    # the memory format changes no FLOP; the MAE step adds the densification convs to the dense network
+    # the memory format changes no FLOP; the emulated MAE step adds the densification convs to the dense
+    # network; the block-sparse one skips the hidden cells of its high-resolution stages
     assert by[("dense", False, False)]["conv_flops_forward"] == by[("dense", True, False)]["conv_flops_forward"]
-    assert by[("mae", False, False)]["conv_flops_forward"] > by[("dense", False, False)]["conv_flops_forward"]
+    emulated = by[("mae-emulated", False, False)]["conv_flops_forward"]
+    assert emulated > by[("dense", False, False)]["conv_flops_forward"]
+    assert by[("mae", False, False)]["conv_flops_forward"] < 0.8 * emulated
 
 
 def test_failure_is_recorded_and_next_section_runs(smoke: dict) -> None:
@@ -113,11 +124,15 @@ def test_conv_flop_formula() -> None:
     conv = nn.Conv3d(4, 6, kernel_size=(3, 1, 3), groups=2, padding=(1, 0, 1))
     up = nn.ConvTranspose3d(6, 4, kernel_size=2, stride=2)
     x = torch.zeros(2, 4, 5, 6, 7)
-    with gc.count_conv_flops(nn.Sequential(conv, up)) as rec:
+    with gc.count_conv_flops() as rec:
         y = up(conv(x))
+        # a functional conv (as the block-sparse cells run theirs) counts as well: 2*3*5*6*7 outputs x 4 x 1
+        nn.functional.conv3d(y[:, :, :5, :6, :7], torch.zeros(3, 4, 1, 1, 1))
     # conv: each of 2*6*5*6*7 outputs sums 4/2 channels x 9 taps; transposed: each of the 2*6*5*6*7
     # inputs goes to 4 channels x 8 taps
-    assert rec["calls"] == 2
+    assert rec["calls"] == 3
     assert rec["first"]["flops"] == 2 * (2 * 6 * 5 * 6 * 7) * 2 * 9
-    assert rec["flops"] == 2 * (2 * 6 * 5 * 6 * 7) * 2 * 9 + 2 * (2 * 6 * 5 * 6 * 7) * 4 * 8
+    assert rec["first"]["in_channels"] == 4 and rec["first"]["out_channels"] == 6 and rec["first"]["groups"] == 2
+    assert rec["flops"] == (2 * (2 * 6 * 5 * 6 * 7) * 2 * 9 + 2 * (2 * 6 * 5 * 6 * 7) * 4 * 8
+                            + 2 * (2 * 3 * 5 * 6 * 7) * 4)
     assert tuple(y.shape) == (2, 4, 10, 12, 14)

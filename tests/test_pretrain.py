@@ -155,14 +155,15 @@ def test_mae_default_mask_ratio_is_s3d_dynamic_range(monkeypatch, tmp_path):
     assert _captured_config(monkeypatch, tmp_path, "--mask-ratio", "0.75").mask_ratio == "0.75"
     tok = _captured_config(monkeypatch, tmp_path, "--method", "simtrot")
     assert tok.view_mask_ratio == 0.75
-    assert not cfg.block_sparse and _captured_config(monkeypatch, tmp_path, "--block-sparse").block_sparse
+    # block-sparse by default (the emulation's results, computed on visible cells); the emulation on request
+    assert cfg.block_sparse and not _captured_config(monkeypatch, tmp_path, "--no-block-sparse").block_sparse
 
 
-def test_mae_block_sparse_run_trains(images, cache, tmp_path):
+def test_mae_emulated_run_trains(images, cache, tmp_path):
     out = tmp_path / "bs"
-    res = _run(["pretrain", str(images), str(out), "--steps", "2", "--checkpoint-every", "2", "--block-sparse",
+    res = _run(["pretrain", str(images), str(out), "--steps", "2", "--checkpoint-every", "2", "--no-block-sparse",
                 "--cache-dir", str(cache), *COMMON])
     assert res.exit_code == 0, res.output
-    assert json.loads((out / "pretrain.json").read_text())["block_sparse"] is True
+    assert json.loads((out / "pretrain.json").read_text())["block_sparse"] is False
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert rows and math.isfinite(float(rows[-1]["loss"])) and float(rows[-1]["loss"]) > 0

@@ -477,27 +477,83 @@ def _cell_mask(batch: int, grid: tuple[int, int, int], edge: tuple[int, int, int
     return m
 
 
+def _grid_cells(m: torch.Tensor, edge: tuple[int, int, int]):
+    from s3d.nn.cells import CellGrid, StageCells
+
+    return StageCells(CellGrid(m[:, 0, :: edge[0], :: edge[1], :: edge[2]]), edge)
+
+
+def test_pad_cells_equals_windows_cut_from_the_full_tensor():
+    """Brute force: scatter the cells into the zero full tensor, zero-pad it, cut every cell's window."""
+    from s3d.nn.cells import from_cells, pad_cells, to_cells
+
+    edge, grid = (4, 3, 2), (2, 3, 2)
+    m = _cell_mask(3, grid, edge, seed=7)
+    cells = _grid_cells(m, edge)
+    x = torch.randn(3, 2, 8, 9, 4, dtype=torch.float64) * m
+    y = to_cells(x, cells).requires_grad_(True)
+    lo, hi = (1, 2, 0), (2, 1, 2)
+    got = pad_cells(y, cells, lo, hi)
+    full = torch.nn.functional.pad(from_cells(y, cells), (lo[2], hi[2], lo[1], hi[1], lo[0], hi[0]))
+    want = torch.stack([full[b, :, i * edge[0]: i * edge[0] + lo[0] + edge[0] + hi[0],
+                             j * edge[1]: j * edge[1] + lo[1] + edge[1] + hi[1],
+                             k * edge[2]: k * edge[2] + lo[2] + edge[2] + hi[2]]
+                        for b, i, j, k in cells.grid.index.tolist()])
+    assert torch.equal(got, want)
+    g = torch.randn_like(got)
+    (ga,) = torch.autograd.grad((got * g).sum(), y)
+    (gb,) = torch.autograd.grad((want * g).sum(), y)
+    torch.testing.assert_close(ga, gb, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="halo"):
+        pad_cells(y, cells, (5, 0, 0), (0, 0, 0))
+
+
+def test_to_and_from_cells_keep_visible_voxels_and_zero_the_rest():
+    from s3d.nn.cells import from_cells, to_cells
+
+    edge = (2, 4, 2)
+    m = _cell_mask(3, (3, 2, 2), edge, seed=8)
+    cells = _grid_cells(m, edge)
+    x = torch.randn(3, 5, 6, 8, 4, dtype=torch.float64, requires_grad=True)
+    y = to_cells(x, cells)
+    assert y.shape == (cells.grid.n, 5, *edge) and cells.grid.n == int(m[:, 0, ::2, ::4, ::2].sum())
+    back = from_cells(y, cells)
+    assert torch.equal(back, x.detach() * m)
+    (g,) = torch.autograd.grad(back.sum(), x)
+    assert torch.equal(g, m.expand_as(x))
+    with pytest.raises(ValueError, match="does not fit"):
+        to_cells(x[:, :, :4], cells)
+
+
 @pytest.mark.parametrize("kernel,stride", [((3, 3, 3), (1, 1, 1)), ((3, 3, 3), (2, 2, 2)), ((1, 3, 3), (1, 2, 2)),
                                            ((1, 1, 1), (1, 1, 1))])
-def test_block_conv_equals_dense_conv_on_visible_cells(kernel, stride):
-    from s3d.nn.sparse import VisibleBlocks, block_conv
+def test_cell_conv_equals_dense_conv_on_visible_cells(kernel, stride):
+    from s3d.nn.cells import cell_conv, from_cells, to_cells
 
     torch.manual_seed(0)
     conv = nn.Conv3d(3, 4, kernel, stride, padding=[(k - 1) // 2 for k in kernel]).double()
     edge, grid = (4, 3, 2), (2, 3, 2)  # every cell touches the border on some axis, the middle j-cells not all
     out_shape = tuple(g * e for g, e in zip(grid, edge, strict=True))
-    x = torch.randn(3, 3, *(n * s for n, s in zip(out_shape, stride, strict=True)), dtype=torch.float64,
-                    requires_grad=True)
     m = _cell_mask(3, grid, edge, seed=1)
+    m_in = m
+    for ax in range(3):
+        m_in = m_in.repeat_interleave(stride[ax], dim=2 + ax)
+    x = torch.randn(3, 3, *(n * s for n, s in zip(out_shape, stride, strict=True)), dtype=torch.float64)
+    x = (x * m_in).requires_grad_(True)  # the encoder's tensors are zero in hidden cells
     gy = torch.randn(3, 4, *out_shape, dtype=torch.float64) * m  # a loss that reads visible outputs only
     dense = conv(x)
     grads_dense = torch.autograd.grad((dense * gy).sum(), (x, conv.weight, conv.bias))
-    sparse = block_conv(conv, x, VisibleBlocks(m, edge))
+    cells_out = _grid_cells(m, edge)
+    cells_in = cells_out.scaled(stride)
+    sparse = from_cells(cell_conv(conv, to_cells(x, cells_in), cells_in, cells_out), cells_out)
     grads_sparse = torch.autograd.grad((sparse * gy).sum(), (x, conv.weight, conv.bias))
     vis = (m > 0).expand_as(dense)
     torch.testing.assert_close(sparse[vis], dense[vis], atol=1e-12, rtol=1e-12)
     assert torch.all(sparse[~vis] == 0)
-    for a, r in zip(grads_sparse, grads_dense, strict=True):
+    # the dense conv also sends gradient into hidden input voxels; the cells do not hold those (they are
+    # zeroed inputs, so nothing upstream of them sees that gradient)
+    torch.testing.assert_close(grads_sparse[0], grads_dense[0] * m_in, atol=1e-12, rtol=1e-12)
+    for a, r in zip(grads_sparse[1:], grads_dense[1:], strict=True):
         torch.testing.assert_close(a, r, atol=1e-12, rtol=1e-12)
 
 
@@ -524,18 +580,19 @@ def test_block_sparse_mae_equals_emulation(monkeypatch):
         for name, p in model.named_parameters():
             if ".norm." in name:  # nnU-Net zero-inits every block's last norm: make them all count
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
-    edge = (16, 16, 16)  # cells of 16 -> 8 at stage 1 (block-sparse), 4 at stage 2 (dense fallback)
+    edge = (8, 8, 8)  # cells of 8 -> 4 at stage 1 (block-sparse), 2 at stage 2 (dense fallback)
     m = _cell_mask(3, (2, 3, 2), edge, seed=2)
-    x = torch.randn(3, 1, 32, 48, 32, dtype=torch.float64)
+    x = torch.randn(3, 1, 16, 24, 16, dtype=torch.float64)
     calls = []
-    original = blocks.block_conv
-    monkeypatch.setattr(blocks, "block_conv",
-                        lambda conv, x, b, **kw: calls.append(b.edge) or original(conv, x, b, **kw))
+    original = blocks.cell_conv
+    monkeypatch.setattr(blocks, "cell_conv",
+                        lambda conv, y, ci, co: calls.append(co.edge) or original(conv, y, ci, co))
     ref = _mae_grads(model, x, m, False)
     assert not calls
     got = _mae_grads(model, x, m, True)
-    # stem + stage 0 (1 block, 2 convs) at edge 16, stage 1 (2 blocks, 4 convs) at edge 8; stage 2 falls back
-    assert calls == [(16, 16, 16)] * 3 + [(8, 8, 8)] * 4
+    # stem + stage 0 (1 block, 2 convs) at edge 8, stage 1 (2 blocks, 4 convs and the first block's 1x1
+    # projection of the skip) at edge 4; stage 2 falls back
+    assert sorted(calls, reverse=True) == [(8, 8, 8)] * 3 + [(4, 4, 4)] * 5
     # float64: the cell path's batch-norm statistics and the masked norm's moments round differently (~1e-12)
     torch.testing.assert_close(got[0], ref[0], atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(got[1], ref[1], atol=1e-10, rtol=1e-8)
@@ -546,13 +603,15 @@ def test_block_sparse_mae_equals_emulation(monkeypatch):
 
 
 def test_sparse_plan_falls_back_at_coarse_stages_and_reads_the_block_size():
-    from s3d.nn.sparse import infer_block_size, sparse_plan
+    from s3d.nn.cells import infer_block_size, sparse_plan
 
     m = _cell_mask(2, (2, 2, 2), (16, 16, 16), seed=3)
     strides = ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))
-    plan = sparse_plan(stage_masks(m, strides), (16, 16, 16), strides)
-    assert [p.edge if p is not None else None for p in plan] == [(16, 16, 16), (8, 8, 8), None, None]
-    assert plan[0].index.tolist() == (m[:, 0, ::16, ::16, ::16] > 0).nonzero().tolist()
+    plan = sparse_plan(m, (16, 16, 16), strides)
+    assert [p.edge if p is not None else None for p in plan] == [(16, 16, 16), (8, 8, 8), (4, 4, 4), None]
+    assert plan[0].grid is plan[1].grid  # one grid of cells, found once per step
+    assert plan[0].grid.index.tolist() == (m[:, 0, ::16, ::16, ::16] > 0).nonzero().tolist()
+    assert [p is None for p in sparse_plan(m, (16, 16, 16), strides, min_edge=16)] == [False, True, True, True]
     assert infer_block_size(m, (8, 8, 8)) == (16, 16, 16)
     assert infer_block_size(_cell_mask(1, (4, 2, 1), (8, 16, 32), seed=4), (8, 8, 8))[:2] == (8, 16)
 

@@ -47,9 +47,10 @@ from s3d.cli.options import (
 @click.option("--mask-block", nargs=3, type=click.IntRange(min=1), default=None,
               help="mae: masked cube edge in voxels (X Y Z). Default: patch / bottleneck size, i.e. 32 for "
                    "160^3 with resenc-l (S3D); must be a multiple of the network's total stride.")
-@click.option("--block-sparse", is_flag=True,
-              help="mae: run the convs of high-resolution stages (mask cells >= 8 voxels per axis there) on "
-                   "visible cells only; same results as the default masked dense emulation.")
+@click.option("--block-sparse/--no-block-sparse", default=True, show_default=True,
+              help="mae: compute the high-resolution stages (mask cells >= 4 voxels per axis there) on the "
+                   "visible cells only, with the same results as the masked dense emulation that "
+                   "--no-block-sparse runs on every stage (0.63-0.67x of a dense step's time on CPU).")
 @click.option("--temperature", type=float, default=0.5, show_default=True, help="simtrot: softmax temperature tau.")
 @click.option("--same-position-weight", type=float, default=5.0, show_default=True,
               help="simtrot: weight w on same-position tokens of other volumes in the denominator (1 = plain NT-Xent).")

@@ -9,6 +9,9 @@ Every ``forward`` takes an optional ``mask`` (B,1,...) at the block's OUTPUT res
 With a mask, each conv output is multiplied by it and norms use visible voxels only (S3D section 4a);
 inputs are expected to be zero at masked voxels already (the encoder zeroes its input).
 Without a mask the computation is the plain dense one.
+
+``forward_cells`` is the same computation on the visible cells of a block mask only (``s3d.nn.cells``):
+input and output are (N, C, *edge) cell batches, with the cells at the block's input and output resolution.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from s3d.nn.sparse import MaskedInstanceNorm3d, VisibleBlocks, block_conv, cell_instance_norm, scatter_cells
+from s3d.nn.cells import StageCells, cell_conv, cell_instance_norm
+from s3d.nn.sparse import MaskedInstanceNorm3d
 
 __all__ = ["ConvNormAct", "StackedConvBlocks", "BasicBlockD", "StackedResidualBlocks", "init_weights"]
 
@@ -56,20 +60,19 @@ class ConvNormAct(nn.Module):
         self.nonlin = nn.LeakyReLU(NEG_SLOPE, inplace=True) if act else None
         self.stride = s
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                blocks: VisibleBlocks | None = None) -> torch.Tensor:
-        """``blocks``: the visible cells of ``mask`` when the conv may skip hidden ones (``block_conv``)."""
-        if blocks is not None and mask is not None:
-            # visible cells only, from the conv to the activation; hidden cells come back as exact zeros
-            y = cell_instance_norm(block_conv(self.conv, x, blocks, compact=True), blocks, self.norm.weight,
-                                   self.norm.bias, self.norm.eps)
-            if self.nonlin is not None:
-                y = self.nonlin(y)
-            return scatter_cells(y, blocks)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         y = self.conv(x)
         # with a mask, the masked norm zeroes the conv output's masked voxels before taking statistics and
         # leaves them at exactly 0: that is the per-conv re-masking, without a separate pass over y
         y = self.norm(y) if mask is None else self.norm(y, mask)
+        if self.nonlin is not None:
+            y = self.nonlin(y)
+        return y
+
+    def forward_cells(self, y: torch.Tensor, cells_in: StageCells, cells_out: StageCells) -> torch.Tensor:
+        # hidden cells do not exist here, so re-masking is implicit and the norm sees visible voxels only
+        y = cell_instance_norm(cell_conv(self.conv, y, cells_in, cells_out), cells_out, self.norm.weight,
+                               self.norm.bias, self.norm.eps)
         if self.nonlin is not None:
             y = self.nonlin(y)
         return y
@@ -89,11 +92,15 @@ class StackedConvBlocks(nn.Module):
         )
         self.output_channels = out_channels
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                blocks: VisibleBlocks | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         for c in self.convs:
-            x = c(x, mask, blocks)
+            x = c(x, mask)
         return x
+
+    def forward_cells(self, y: torch.Tensor, cells_in: StageCells, cells_out: StageCells) -> torch.Tensor:
+        for n, c in enumerate(self.convs):
+            y = c.forward_cells(y, cells_in if n == 0 else cells_out, cells_out)
+        return y
 
 
 class BasicBlockD(nn.Module):
@@ -123,18 +130,25 @@ class BasicBlockD(nn.Module):
             ops.append(ConvNormAct(in_channels, out_channels, 1, 1, bias=False, act=False))
         self.skip = nn.Sequential(*ops) if ops else None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                blocks: VisibleBlocks | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         residual = x
         if self.skip is not None:
             for op in self.skip:
                 residual = op(residual, mask) if isinstance(op, ConvNormAct) else op(residual)
-        # each conv gathers its own window (halo of its kernel radius) from the full, re-masked tensor, so
-        # stacked convs need no halo growth: the previous conv's hidden outputs are exact zeros
-        out = self.conv2(self.conv1(x, mask, blocks), mask, blocks)
+        out = self.conv2(self.conv1(x, mask), mask)
         # not in place: `residual` may be x itself, which autograd or the caller may still need
         out = out + residual
         return self.nonlin2(out)
+
+    def forward_cells(self, y: torch.Tensor, cells_in: StageCells, cells_out: StageCells) -> torch.Tensor:
+        residual = y
+        if self.skip is not None:
+            for op in self.skip:
+                # the pooling window (the stride) divides the cell edge, so pooling each cell is exact
+                residual = (op.forward_cells(residual, cells_out, cells_out) if isinstance(op, ConvNormAct)
+                            else op(residual))
+        out = self.conv2.forward_cells(self.conv1.forward_cells(y, cells_in, cells_out), cells_out, cells_out)
+        return self.nonlin2(out + residual)
 
 
 class StackedResidualBlocks(nn.Module):
@@ -151,11 +165,15 @@ class StackedResidualBlocks(nn.Module):
         )
         self.output_channels = out_channels
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                blocks: VisibleBlocks | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         for b in self.blocks:
-            x = b(x, mask, blocks)
+            x = b(x, mask)
         return x
+
+    def forward_cells(self, y: torch.Tensor, cells_in: StageCells, cells_out: StageCells) -> torch.Tensor:
+        for n, b in enumerate(self.blocks):
+            y = b.forward_cells(y, cells_in if n == 0 else cells_out, cells_out)
+        return y
 
 
 def init_weights(module: nn.Module) -> None:

@@ -52,9 +52,9 @@ class MAEModel(nn.Module):
     ``encoder.stages.*``) are exactly those of ``ResEncUNet(cfg)``: transfer is a key filter.
     """
 
-    # block-sparse high-resolution stages (``s3d.nn.sparse.block_conv``): the emulation's results, computed on
-    # visible cells only; block_size None means "read it off the mask"
-    block_sparse: bool = False
+    # block-sparse high-resolution stages (``s3d.nn.cells``): the emulation's results, computed on
+    # visible cells only (False: every stage on the masked dense path); block_size None: read it off the mask
+    block_sparse: bool = True
     block_size: tuple[int, int, int] | None = None
 
     def __init__(self, cfg: ResEncConfig) -> None:
@@ -112,16 +112,16 @@ class MAEModel(nn.Module):
         act = activation_dtype(x)
         mask = mask.to(device=x.device, dtype=act)
         masks = stage_masks(mask, self.strides, dtype=act)
-        blocks = None
+        cells = None
         if self.block_sparse:
-            from s3d.nn.sparse import infer_block_size, sparse_plan
+            from s3d.nn.cells import infer_block_size, sparse_plan
 
             total = [1, 1, 1]
             for s in self.strides:
                 total = [t * v for t, v in zip(total, s, strict=True)]
             block = self.block_size or infer_block_size(mask, total)
-            blocks = sparse_plan(masks, block, self.strides)
-        skips = self.encoder(x, mask, masks, blocks)
+            cells = sparse_plan(mask, block, self.strides)
+        skips = self.encoder(x, mask, masks, cells)
         return self._decode(self.decoder(self.fill_and_densify(list(skips), mask, masks)))
 
     @staticmethod

@@ -33,7 +33,8 @@ from torch import nn
 
 from s3d.errors import S3DError
 from s3d.nn.blocks import StackedConvBlocks, StackedResidualBlocks, init_weights
-from s3d.nn.sparse import VisibleBlocks, activation_dtype, as_float_mask, check_mask_fits, stage_masks
+from s3d.nn.cells import StageCells, from_cells, to_cells
+from s3d.nn.sparse import activation_dtype, as_float_mask, check_mask_fits, stage_masks
 
 __all__ = [
     "NetworkConfigError",
@@ -322,11 +323,12 @@ class ResEncEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 masks: Sequence[torch.Tensor] | None = None,
-                blocks: Sequence[VisibleBlocks | None] | None = None) -> list[torch.Tensor]:
+                cells: Sequence[StageCells | None] | None = None) -> list[torch.Tensor]:
         """``masks``: the per-stage masks ``stage_masks(mask, self.strides)`` when the caller has them
         already (the MAE needs them again for its mask tokens); computed here otherwise.
-        ``blocks``: per stage, the visible cells where that stage's convs run block-sparse (``sparse_plan``),
-        None for stages that keep the masked dense path; the stem uses stage 0's when stage 0 has stride 1."""
+        ``cells``: per stage, its visible cells where it runs block-sparse (``s3d.nn.cells.sparse_plan``: a
+        prefix of the stages), None where it keeps the masked dense path. The stem runs on cells when stage
+        0 does. Either way the outputs are the same up to float rounding."""
         skips: list[torch.Tensor] = []
         if mask is None:
             x = self.stem(x)
@@ -342,13 +344,26 @@ class ResEncEncoder(nn.Module):
         per_stage = list(masks) if masks is not None else stage_masks(mask, self.strides, dtype=act)
         if len(per_stage) != len(self.stages):
             raise ValueError(f"masks: {len(per_stage)} given, the encoder has {len(self.stages)} stages")
-        # zero the hidden input first: the stem's 3x3x3 conv would otherwise carry masked intensities
-        # into visible border voxels (the nnssl reference implementation skips this and leaks)
-        per_blocks = list(blocks) if blocks is not None else [None] * len(per_stage)
-        stem_blocks = per_blocks[0] if tuple(self.strides[0]) == (1, 1, 1) else None
-        x = self.stem(x * mask, mask, stem_blocks)
-        for stage, m, bl in zip(self.stages, per_stage, per_blocks, strict=True):
-            x = stage(x, m, bl)
+        per_cells = list(cells) if cells is not None else [None] * len(per_stage)
+        if len(per_cells) != len(self.stages):
+            raise ValueError(f"cells: {len(per_cells)} given, the encoder has {len(self.stages)} stages")
+        y: torch.Tensor | None = None  # the running activations as visible cells, while stages are sparse
+        prev: StageCells | None = None
+        if per_cells[0] is not None:
+            # cutting out the visible cells drops the hidden input, as zeroing it does on the dense path
+            prev = per_cells[0].scaled(self.strides[0])
+            y = self.stem.forward_cells(to_cells(x, prev), prev, prev)
+        else:
+            # zero the hidden input first: the stem's 3x3x3 conv would otherwise carry masked intensities
+            # into visible border voxels (the nnssl reference implementation skips this and leaks)
+            x = self.stem(x * mask, mask)
+        for stage, m, c in zip(self.stages, per_stage, per_cells, strict=True):
+            if y is not None and c is not None:
+                y, prev = stage.forward_cells(y, prev, c), c
+                x = from_cells(y, c)  # the decoder's skip (and the next dense stage's input), once per stage
+            else:
+                y = None
+                x = stage(x, m)
             skips.append(x)
         return skips
 

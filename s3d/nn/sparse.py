@@ -4,9 +4,8 @@ S3D (Wald et al. 2024, section 4a, after SparK by Tian et al. 2023): a CNN that 
 input must (1) re-apply the mask after every convolution, otherwise the receptive field erodes the
 masked regions from their borders, and (2) normalise with statistics of the visible voxels only,
 otherwise the zeros shift the mean and variance. This module provides the two pieces the encoder
-needs: the mask at each stage's resolution and an InstanceNorm that ignores masked voxels; and, for
-stages whose mask cells are large, the block-sparse alternative that computes visible cells only
-(``sparse_plan``, ``block_conv``, ``cell_instance_norm``, ``scatter_cells``) with the same results.
+needs: the mask at each stage's resolution and an InstanceNorm that ignores masked voxels. Stages whose
+mask cells are large can instead compute the visible cells only, with the same results: ``s3d.nn.cells``.
 
 A mask is a ``(B, 1, i, j, k)`` float or bool tensor at input resolution, 1 = visible, 0 = masked.
 """
@@ -26,13 +25,6 @@ __all__ = [
     "MaskedInstanceNorm3d",
     "as_float_mask",
     "check_mask_fits",
-    "MIN_SPARSE_BLOCK",
-    "VisibleBlocks",
-    "block_conv",
-    "scatter_cells",
-    "cell_instance_norm",
-    "infer_block_size",
-    "sparse_plan",
 ]
 
 
@@ -275,172 +267,3 @@ def check_mask_fits(x: torch.Tensor, mask: torch.Tensor) -> None:
     if mask.ndim != 5 or mask.shape[0] != x.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != x.shape[2:]:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not fit input {tuple(x.shape)}: expected "
                          f"({x.shape[0]}, 1, {', '.join(str(s) for s in x.shape[2:])})")
-
-
-# ---------------------------------------------------------------------------------------------- block sparsity
-
-# Below this cell edge (voxels at a stage's resolution) a gathered cell is mostly halo: a 3x3x3 conv reads
-# (b+2)^3 / b^3 = 3.4x the cell's voxels for b = 4, 1.95x for b = 8, 1.42x for b = 16 (plus per-cell copies),
-# so coarse stages keep the masked dense path (issue 16: "e.g. >= 8^3 voxels at that stage's resolution").
-MIN_SPARSE_BLOCK = 8
-
-
-class VisibleBlocks:
-    """The visible cells of a block mask at one stage: ``edge`` (voxels per cell and axis at the stage's
-    resolution), ``grid`` (cells per axis), ``batch`` and ``index`` (N, 4) int64 rows (sample, ci, cj, ck)."""
-
-    def __init__(self, mask: torch.Tensor, edge: Sequence[int]) -> None:
-        self.edge = tuple(int(e) for e in edge)
-        self.batch = int(mask.shape[0])
-        coarse = mask[:, 0, :: self.edge[0], :: self.edge[1], :: self.edge[2]]
-        self.grid = tuple(int(g) for g in coarse.shape[1:])
-        if any(g * e != s for g, e, s in zip(self.grid, self.edge, mask.shape[2:], strict=True)):
-            raise ValueError(f"block edge {self.edge} does not tile the mask's shape {tuple(mask.shape[2:])}")
-        self.index = (coarse > 0).nonzero()  # sample-major: the cells of one sample are consecutive
-        self._cells: list[tuple[int, int, int, int]] | None = None
-        self._ranges: list[tuple[int, int]] | None = None
-
-    def ranges(self) -> list[tuple[int, int]]:
-        """Per sample, the [start, end) rows of its cells in ``index`` (empty for an all-hidden sample)."""
-        if self._ranges is None:
-            counts = torch.bincount(self.index[:, 0], minlength=self.batch).tolist()
-            ends = [sum(counts[: i + 1]) for i in range(self.batch)]
-            self._ranges = [(e - c, e) for e, c in zip(ends, counts, strict=True)]
-        return self._ranges
-
-    def cells(self) -> list[tuple[int, int, int, int]]:
-        """``index`` as Python tuples (one device sync, at first use)."""
-        if self._cells is None:
-            self._cells = [tuple(r) for r in self.index.tolist()]
-        return self._cells
-
-
-def _clip(start: int, size: int, n: int) -> tuple[slice, slice]:
-    """Source slice in [0, n) and destination slice in [0, size) of a window [start, start + size)."""
-    lo, hi = max(start, 0), min(start + size, n)
-    return slice(lo, hi), slice(lo - start, hi - start)
-
-
-class _GatherWindows(torch.autograd.Function):
-    """Copy windows ``x[b, :, i0:i0+wi, j0:j0+wj, k0:k0+wk]`` into a batch (zeros outside the volume: the
-    conv's zero padding). Backward adds every window's gradient back into place, overlapping halos included:
-    one zero-filled tensor and N small in-place adds, where the autograd of slicing or of ``unfold`` would
-    materialise or re-read full-size tensors per window."""
-
-    @staticmethod
-    def forward(ctx, x, starts, win):  # noqa: ANN001, ANN205
-        cells = x.new_zeros((len(starts), x.shape[1]) + tuple(win))
-        spatial = x.shape[2:]
-        regions = []
-        for n, (b, *st) in enumerate(starts):
-            (si, di), (sj, dj), (sk, dk) = (_clip(a, w, m) for a, w, m in zip(st, win, spatial, strict=True))
-            cells[n, :, di, dj, dk] = x[b, :, si, sj, sk]
-            regions.append((b, si, sj, sk, di, dj, dk))
-        ctx.regions, ctx.shape = regions, x.shape
-        return cells
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        gx = grad.new_zeros(ctx.shape)
-        for n, (b, si, sj, sk, di, dj, dk) in enumerate(ctx.regions):
-            gx[b, :, si, sj, sk] += grad[n, :, di, dj, dk]
-        return gx, None, None
-
-
-class _ScatterCells(torch.autograd.Function):
-    """Place cell n of ``y`` (N, C, ei, ej, ek) at ``(b, i0, j0, k0)`` of a zero (B, C, *spatial) tensor."""
-
-    @staticmethod
-    def forward(ctx, y, starts, shape):  # noqa: ANN001, ANN205
-        out = y.new_zeros(shape)
-        e = y.shape[2:]
-        slices = [(b, slice(i, i + e[0]), slice(j, j + e[1]), slice(k, k + e[2])) for b, i, j, k in starts]
-        for n, (b, si, sj, sk) in enumerate(slices):
-            out[b, :, si, sj, sk] = y[n]
-        ctx.slices, ctx.y_shape = slices, y.shape
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        gy = grad.new_empty(ctx.y_shape)
-        for n, (b, si, sj, sk) in enumerate(ctx.slices):
-            gy[n] = grad[b, :, si, sj, sk]
-        return gy, None, None
-
-
-def block_conv(conv: nn.Conv3d, x: torch.Tensor, blocks: VisibleBlocks, compact: bool = False) -> torch.Tensor:
-    """``conv(x)`` at the voxels of visible output cells, 0 elsewhere, computing only those cells.
-
-    Each visible cell's input window (its receptive field: ``(edge - 1) * stride + kernel`` voxels per axis,
-    i.e. the cell plus a halo of the kernel radius; zeros beyond the volume as the conv's padding) is
-    gathered into a batch, convolved densely without padding and scattered back. Outputs at visible voxels
-    equal the dense conv's, and so do the gradients they send to inputs and weights; hidden outputs are 0
-    instead of the dense values, which the masked norm that follows drops anyway. Stacked convs need no
-    halo growth: each gathers from the full, re-masked output of the previous one.
-    x: (B, C, ...) at the conv's input resolution, zero at hidden voxels. ``compact``: return the visible
-    cells (N, C', *edge) in ``blocks.index`` order instead of scattering them (``scatter_cells``).
-    """
-    k, s, p = conv.kernel_size, conv.stride, conv.padding
-    if isinstance(p, str) or any(d != 1 for d in conv.dilation) or conv.groups != 1:
-        raise ValueError("block_conv: needs numeric padding, dilation 1 and groups 1")
-    e = blocks.edge
-    win = tuple((ei - 1) * si + ki for ei, si, ki in zip(e, s, k, strict=True))
-    cells = blocks.cells()
-    in_starts = [(b, i * e[0] * s[0] - p[0], j * e[1] * s[1] - p[1], q * e[2] * s[2] - p[2]) for b, i, j, q in cells]
-    y = torch.nn.functional.conv3d(_GatherWindows.apply(x, in_starts, win), conv.weight, conv.bias, s, 0)
-    return y if compact else scatter_cells(y, blocks)
-
-
-def scatter_cells(y: torch.Tensor, blocks: VisibleBlocks) -> torch.Tensor:
-    """Visible cells (N, C, *edge) back into a (B, C, *spatial) tensor that is 0 in hidden cells."""
-    e = blocks.edge
-    starts = [(b, i * e[0], j * e[1], q * e[2]) for b, i, j, q in blocks.cells()]
-    shape = (blocks.batch, y.shape[1]) + tuple(g * ei for g, ei in zip(blocks.grid, e, strict=True))
-    return _ScatterCells.apply(y, starts, shape)
-
-
-def cell_instance_norm(y: torch.Tensor, blocks: VisibleBlocks, weight: torch.Tensor | None,
-                       bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """``masked_instance_norm`` on visible cells (N, C, *edge): every voxel of a visible cell is visible, so a
-    sample's visible voxels are exactly its cells, and batch norm over them (statistics per channel over the
-    cells and their voxels) is that sample's masked instance norm. Native kernels, no mask pass."""
-    parts = [torch.nn.functional.batch_norm(y[lo:hi], None, None, weight, bias, True, 0.0, eps)
-             for lo, hi in blocks.ranges() if hi > lo]
-    if not parts:
-        return y
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def infer_block_size(mask: torch.Tensor, multiple_of: Sequence[int] = (1, 1, 1)) -> tuple[int, int, int]:
-    """The largest cell edge per axis (a multiple of ``multiple_of`` dividing the shape) within which
-    ``mask`` (B,1,i,j,k) is constant: the masking block size, recovered from the mask itself."""
-    out = []
-    for ax, (n, mult) in enumerate(zip(mask.shape[2:], multiple_of, strict=True)):
-        best = 1
-        for e in sorted((d for d in range(int(mult), n + 1, int(mult)) if n % d == 0), reverse=True):
-            shape = list(mask.shape[:2]) + [int(v) for v in mask.shape[2:]]
-            shape[2 + ax: 3 + ax] = [n // e, e]
-            cells = mask.reshape(shape)
-            if torch.equal(cells.amax(dim=3 + ax), cells.amin(dim=3 + ax)):
-                best = e
-                break
-        out.append(best)
-    return tuple(out)  # type: ignore[return-value]
-
-
-def sparse_plan(masks: Sequence[torch.Tensor], block: Sequence[int], strides: Sequence[Sequence[int]],
-                min_edge: int = MIN_SPARSE_BLOCK) -> list[VisibleBlocks | None]:
-    """Per stage: the visible cells where that stage's cells are at least ``min_edge`` voxels per axis
-    (block-sparse convs pay there), None where the stage keeps the masked dense path.
-
-    masks: per-stage masks (``stage_masks``); block: the masking cell edge at input resolution.
-    """
-    out: list[VisibleBlocks | None] = []
-    cum = (1, 1, 1)
-    for m, s in zip(masks, strides, strict=True):
-        cum = tuple(a * int(b) for a, b in zip(cum, _stride3(s), strict=True))  # type: ignore[assignment]
-        edge = [b // c if b % c == 0 else 0 for b, c in zip(block, cum, strict=True)]
-        out.append(VisibleBlocks(m, edge) if min(edge) >= min_edge else None)
-    return out

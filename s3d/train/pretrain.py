@@ -85,7 +85,9 @@ class PretrainConfig:
     # 2024, section 4, Tab. 2b: 60%, 75% and 60-90% perform equally well). "0.75" stays available.
     mask_ratio: str = "0.6-0.9"
     mask_block: tuple[int, int, int] | None = None  # None: patch / bottleneck (32 for 160^3, S3D)
-    block_sparse: bool = False  # convs of stages with cells >= 8^3 on visible cells only (same results)
+    # high-resolution stages computed on the visible cells only (s3d.nn.cells): the masked dense emulation's
+    # results for 0.63-0.67x of a dense step's time on CPU (benchmarks/README.md); False: the emulation
+    block_sparse: bool = True
     # simtrot / btrot
     temperature: float = 0.5  # SimTROT tau
     same_position_weight: float = 5.0  # SimTROT w
@@ -124,7 +126,7 @@ class MAEObjective(nn.Module):
     """S3D masked image modelling. forward({"image": (B,1,X,Y,Z)}) -> (masked L2, logs)."""
 
     def __init__(self, net_cfg, patch_size, mask_ratio, block_size, augmenter=None,  # noqa: ANN001
-                 block_sparse: bool = False) -> None:
+                 block_sparse: bool = True) -> None:
         super().__init__()
         from s3d.nn.mae import MAEModel, MaskedMSELoss
 

@@ -631,3 +631,29 @@ def test_block_sparse_mae_under_bf16_autocast_matches_emulation():
             out[flag] = model(x, m)
     assert out[True].dtype == out[False].dtype
     assert _rel_err(out[True], out[False]) < 0.02
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_block_sparse_mae_equals_emulation_cuda():
+    """The cells path on a GPU (index copies on strided views, per-sample batch norms): float32 forward and
+    gradients as the emulation's, and a bf16 autocast step that stays close."""
+    from s3d.nn.mae import MAEModel
+
+    cfg = ResEncConfig(1, 1, (4, 6, 8), (1, 2, 1), ((1, 1, 1), (2, 2, 2), (2, 2, 2)), ((3, 3, 3),) * 3, (1, 1))
+    torch.manual_seed(0)
+    model = MAEModel(cfg).cuda()
+    m = _cell_mask(3, (2, 3, 2), (8, 8, 8), seed=2).float().cuda()
+    x = torch.randn(3, 1, 16, 24, 16, device="cuda")
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False):  # no TF32 rounding
+        ref = _mae_grads(model, x, m, False)
+        got = _mae_grads(model, x, m, True)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=1e-4)
+    for name in ref[2]:
+        scale = max(ref[2][name].abs().max().item(), 1e-6)
+        torch.testing.assert_close(got[2][name], ref[2][name], atol=1e-4 * scale, rtol=1e-3, msg=name)
+    out = {}
+    for flag in (False, True):
+        model.block_sparse = flag
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out[flag] = model(x, m)
+    assert _rel_err(out[True], out[False]) < 0.02

@@ -86,7 +86,7 @@ class PretrainConfig:
     mask_ratio: str = "0.6-0.9"
     mask_block: tuple[int, int, int] | None = None  # None: patch / bottleneck (32 for 160^3, S3D)
     # high-resolution stages computed on the visible cells only (s3d.nn.cells): the masked dense emulation's
-    # results for 0.63-0.67x of a dense step's time on CPU (benchmarks/README.md); False: the emulation
+    # results for 0.53-0.61x of a dense step's time (ResEnc-L, CPU; benchmarks/README.md); False: the emulation
     block_sparse: bool = True
     # simtrot / btrot
     temperature: float = 0.5  # SimTROT tau

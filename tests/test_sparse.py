@@ -657,3 +657,24 @@ def test_block_sparse_mae_equals_emulation_cuda():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out[flag] = model(x, m)
     assert _rel_err(out[True], out[False]) < 0.02
+
+
+@pytest.mark.parametrize("visible", [0.0, 1.0])
+def test_block_sparse_mae_on_a_batch_with_no_or_only_visible_cells(visible):
+    """A whole batch hidden (no cell at all) or visible: the same outputs and the same set of gradients (zeros
+    included: SGD's momentum and DDP's reducer treat a missing gradient differently from a zero one)."""
+    from s3d.nn.mae import MAEModel
+
+    cfg = ResEncConfig(1, 1, (4, 6, 8), (1, 2, 1), ((1, 1, 1), (2, 2, 2), (2, 2, 2)), ((3, 3, 3),) * 3, (1, 1))
+    torch.manual_seed(3)
+    model = MAEModel(cfg).double()
+    model.block_size = (8, 8, 8)
+    x = torch.randn(2, 1, 16, 16, 16, dtype=torch.float64)
+    m = torch.full((2, 1, 16, 16, 16), visible, dtype=torch.float64)
+    ref = _mae_grads(model, x, m, False)
+    got = _mae_grads(model, x, m, True)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-10, rtol=1e-8)
+    assert got[2].keys() == ref[2].keys()
+    for name in ref[2]:
+        scale = max(ref[2][name].abs().max().item(), 1e-6)
+        torch.testing.assert_close(got[2][name], ref[2][name], atol=1e-8 * scale, rtol=1e-8, msg=name)

@@ -237,7 +237,12 @@ def cell_instance_norm(y: torch.Tensor, cells: StageCells, weight: torch.Tensor 
     parts = [nn.functional.batch_norm(y[lo:hi], None, None, weight, bias, True, 0.0, eps)
              for lo, hi in cells.grid.ranges if hi > lo]
     if not parts:
-        return y
+        # no visible voxel in the batch: the affine map of nothing, so that weight and bias still get their
+        # (zero) gradients as on the dense path (an optimiser's momentum and DDP's reducer expect them)
+        shape = (1, -1, 1, 1, 1)
+        if weight is not None:
+            y = y * weight.view(shape)
+        return y if bias is None else y + bias.view(shape)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

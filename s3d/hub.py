@@ -960,8 +960,13 @@ def _resolve_local(path: Path, cache_dir: str | Path | None = None) -> ResolvedW
         if beside.exists():
             return ResolvedWeights(config=read_json(beside), source=str(path), path=path)
         sd = load_tensors(path)
-        config = {"kind": "pretrain", "network": _normalise_network(infer_network_config(sd)),
-                  "source": {"format": "safetensors", "path": str(path)}}
+        source = {"format": "safetensors", "path": str(path)}
+        if is_monai_swin(sd):
+            # s3d's Swin UNETR keys are MONAI's, so a bare Swin file (s3d's own, or MONAI weights saved as
+            # safetensors) is read exactly as a MONAI .pt is
+            sd, config = convert_monai_swin(sd, source)
+        else:
+            config = {"kind": "pretrain", "network": _normalise_network(infer_network_config(sd)), "source": source}
         return ResolvedWeights(config=config, source=f"{path} (config inferred from tensor shapes)", path=path,
                                _state_dict=sd)
     if suffix in (".pth", ".pt"):

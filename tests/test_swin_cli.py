@@ -232,3 +232,30 @@ def test_finetune_from_scratch_takes_the_presets_patch_and_refuses_one_off_the_t
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["network"]["arch"] == "swin-unetr" and cfg["network"]["feature_size"] == 12
     assert cfg["patch_size"] == [64, 64, 64] and cfg["transfer"] is None
+
+
+def test_a_bare_swin_safetensors_without_config_resolves_to_its_network(tmp_path):
+    """`--weights model.safetensors` with no config.json beside it: the Swin topology is read off the tensors
+    (not mistaken for a ResEnc), and every encoder tensor transfers unchanged."""
+    from safetensors.torch import save_file
+
+    from s3d.hub import resolve_weights
+    from s3d.nn.networks import with_task
+    from s3d.train.finetune import transfer_encoder
+
+    torch.manual_seed(0)
+    cfg = preset("swin-unetr-s")
+    src = build_network(cfg)
+    path = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items() if k.startswith("swinViT.")}, str(path))
+    resolved = resolve_weights(str(path), cache_dir=tmp_path / "cache")
+    got = network_config_from_dict(resolved.config["network"])
+    assert isinstance(got, SwinUNETRConfig)
+    assert (got.feature_size, got.depths, got.num_heads, got.window_size, got.patch_size) == (
+        cfg.feature_size, cfg.depths, cfg.num_heads, cfg.window_size, cfg.patch_size)
+    assert resolved.config["source"]["encoder_only"] is True
+    net = build_network(with_task(got, 1, 3, False))
+    report = transfer_encoder(net, resolved.state_dict, source=str(path))
+    encoder_keys = [k for k in net.state_dict() if k.startswith("swinViT.")]
+    assert report["encoder_tensors_loaded"] == len(encoder_keys) > 0 and not report["encoder_tensors_missing"]
+    assert all(torch.equal(net.state_dict()[k], src.state_dict()[k]) for k in encoder_keys)

@@ -393,8 +393,8 @@ def run_pretrain_config(s: Settings, budget: Budget, method: str, batch: int, ch
         if method.startswith("mae"):
             data["valid"] = torch.ones_like(x, dtype=torch.uint8)
         step = train_step(objective, lambda: data, s)
-        # the first (eager) step counts the FLOPs; hooks stay out of the compiled graph, where removing
-        # them afterwards would force a recompilation
+        # the first (eager) step counts the FLOPs, so that the counting dispatch mode stays out of the
+        # compiled graph
         t = time.perf_counter()
         with count_conv_flops() as flops:
             step()

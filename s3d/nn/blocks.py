@@ -42,6 +42,14 @@ def _triple(v: int | Sequence[int]) -> Size3:
     return t  # type: ignore[return-value]
 
 
+def _chain_cells(layers: nn.Sequential, y: torch.Tensor, cells_in: StageCells, cells_out: StageCells
+                 ) -> torch.Tensor:
+    """``forward_cells`` of ``layers`` in a row: only the first changes the resolution (it carries the stride)."""
+    for n, layer in enumerate(layers):
+        y = layer.forward_cells(y, cells_in if n == 0 else cells_out, cells_out)
+    return y
+
+
 class ConvNormAct(nn.Module):
     """Conv3d -> InstanceNorm (masked: visible-voxel statistics, masked voxels zeroed) -> LeakyReLU.
 
@@ -98,9 +106,7 @@ class StackedConvBlocks(nn.Module):
         return x
 
     def forward_cells(self, y: torch.Tensor, cells_in: StageCells, cells_out: StageCells) -> torch.Tensor:
-        for n, c in enumerate(self.convs):
-            y = c.forward_cells(y, cells_in if n == 0 else cells_out, cells_out)
-        return y
+        return _chain_cells(self.convs, y, cells_in, cells_out)
 
 
 class BasicBlockD(nn.Module):
@@ -171,9 +177,7 @@ class StackedResidualBlocks(nn.Module):
         return x
 
     def forward_cells(self, y: torch.Tensor, cells_in: StageCells, cells_out: StageCells) -> torch.Tensor:
-        for n, b in enumerate(self.blocks):
-            y = b.forward_cells(y, cells_in if n == 0 else cells_out, cells_out)
-        return y
+        return _chain_cells(self.blocks, y, cells_in, cells_out)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -108,32 +108,41 @@ def _cell_view(x: torch.Tensor, cells: StageCells) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], gi, ei, gj, ej, gk, ek).permute(0, 2, 4, 6, 1, 3, 5, 7)
 
 
+def _cut(x: torch.Tensor, cells: StageCells) -> torch.Tensor:
+    """The visible cells of a full tensor (reads only those cells)."""
+    return _cell_view(x.contiguous(), cells)[cells.grid.coords]
+
+
+def _place(y: torch.Tensor, cells: StageCells) -> torch.Tensor:
+    """Cells into a zero full tensor."""
+    out = y.new_zeros((cells.grid.batch, y.shape[1]) + cells.spatial)
+    _cell_view(out, cells)[cells.grid.coords] = y
+    return out
+
+
+# each is the other's backward: the cells are distinct, so cutting and placing are adjoint
 class _ToCells(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cells):  # noqa: ANN001, ANN205
-        ctx.cells, ctx.shape = cells, x.shape
-        return _cell_view(x.contiguous(), cells)[cells.grid.coords]
+        ctx.cells = cells
+        return _cut(x, cells)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):  # noqa: ANN001, ANN205
-        gx = g.new_zeros(ctx.shape)
-        _cell_view(gx, ctx.cells)[ctx.cells.grid.coords] = g
-        return gx, None
+        return _place(g, ctx.cells), None
 
 
 class _FromCells(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, cells):  # noqa: ANN001, ANN205
         ctx.cells = cells
-        out = y.new_zeros((cells.grid.batch, y.shape[1]) + cells.spatial)
-        _cell_view(out, cells)[cells.grid.coords] = y
-        return out
+        return _place(y, cells)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):  # noqa: ANN001, ANN205
-        return _cell_view(g.contiguous(), ctx.cells)[ctx.cells.grid.coords], None
+        return _cut(g, ctx.cells), None
 
 
 def to_cells(x: torch.Tensor, cells: StageCells) -> torch.Tensor:

@@ -115,11 +115,9 @@ class MAEModel(nn.Module):
         cells = None
         if self.block_sparse:
             from s3d.nn.cells import infer_block_size, sparse_plan
+            from s3d.nn.resenc import total_stride
 
-            total = [1, 1, 1]
-            for s in self.strides:
-                total = [t * v for t, v in zip(total, s, strict=True)]
-            block = self.block_size or infer_block_size(mask, total)
+            block = self.block_size or infer_block_size(mask, total_stride(self.cfg))
             cells = sparse_plan(mask, block, self.strides)
         skips = self.encoder(x, mask, masks, cells)
         return self._decode(self.decoder(self.fill_and_densify(list(skips), mask, masks)))

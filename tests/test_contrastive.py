@@ -322,6 +322,32 @@ def test_heads_are_per_token() -> None:
     assert all(p.grad is not None for p in head.parameters())
 
 
+def test_batch_norm_head_commutes_with_rotation_and_separates_near_collapsed_tokens() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 3, 3, 3, generator=g)
+    for norm in ("layer", "batch"):
+        head = ProjectionHead(16, out_channels=8, norm=norm).train()
+        y = head(x)
+        # batch statistics do not depend on token order: rotate/restore still commutes with the head
+        for op in (3, 17, 30):
+            torch.testing.assert_close(head(rotate(x, op)), rotate(y, op))
+    # Tokens that are one shared vector plus a small per-token part (cosine ~0.99, where a randomly
+    # initialised Swin UNETR starts): a per-token LayerNorm keeps them one vector, so BYOL's loss is
+    # already ~0; batch norm centres the shared part away and the projections differ.
+    shared = torch.randn(1, 16, 1, 1, 1, generator=g)
+    near = shared + 0.05 * torch.randn(2, 16, 3, 3, 3, generator=g)
+    assert collapse_stats(near)["other_position_sim"] > 0.99
+    torch.manual_seed(0)
+    layer = collapse_stats(ProjectionHead(16, out_channels=8, norm="layer").train()(near).detach())
+    torch.manual_seed(0)
+    batch = collapse_stats(ProjectionHead(16, out_channels=8, norm="batch").train()(near).detach())
+    assert layer["other_position_sim"] > 0.99 and layer["token_std"] < 0.03
+    # (ReLU and the last layer's bias keep some shared direction: ~0.3-0.55 over init seeds)
+    assert batch["other_position_sim"] < 0.75 and batch["token_std"] > 0.15
+    with pytest.raises(ValueError, match="norm"):
+        ProjectionHead(16, norm="group")
+
+
 def test_collapse_stats() -> None:
     g = torch.Generator().manual_seed(12)
     c = 256

@@ -107,10 +107,34 @@ def test_token_methods_run_and_log_the_collapse_monitor(method, images, cache, t
                 "--cache-dir", str(cache), *COMMON])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader((out / "log.csv").open()))
-    assert {"token_std", "same_position_sim"} <= set(rows[-1])
+    # the projections' monitor and the encoder tokens' (what fine-tuning inherits)
+    assert {"token_std", "same_position_sim", "enc_token_std", "enc_other_position_sim"} <= set(rows[-1])
+    saved = json.loads((out / "config.json").read_text())
+    # B-TROT's heads are BYOL's (batch norm over the tokens), SimTROT's per-token LayerNorm
+    assert saved["pretrain"]["head_norm"] == ("batch" if method == "btrot" else "layer")
     sd = load_file(str(out / "model.safetensors"))
     assert any(k.startswith("encoder.stages.") for k in sd)
     assert not any(k.startswith("target_") for k in sd)  # the EMA target is training state, not weights
+
+
+def test_btrot_run_from_before_head_norm_resumes_with_its_layer_norm_heads(images, cache, tmp_path):
+    """A B-TROT run saved before `head_norm` existed holds LayerNorm heads in its state; resuming must
+    rebuild those, not the batch-norm heads that are the default now."""
+    from s3d.train.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path / "old_btrot"
+    cfg = PretrainConfig(method="btrot", arch="resenc-s", patch_size=(32, 32, 32), batch_size=2, steps=2,
+                         device="cpu", head_norm="layer")
+    pretrain([images], out, cfg, cache_dir=cache, workers=0)
+    # as the old version left it: no head_norm in the saved settings, and one step still to go
+    saved = json.loads((out / "pretrain.json").read_text())
+    del saved["head_norm"]
+    saved["steps"] = 3
+    (out / "pretrain.json").write_text(json.dumps(saved))
+    res = _run(["pretrain", str(images), str(out), "--resume", "--cache-dir", str(cache), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["step"] == 3
+    assert json.loads((out / "config.json").read_text())["pretrain"]["head_norm"] == "layer"
 
 
 def test_simtrot_refuses_a_single_volume_batch(images, cache, tmp_path):

@@ -120,6 +120,9 @@ class TokenContrastiveLoss(nn.Module):
         return torch.logsumexp(logits, dim=1) - pos_logit
 
 
+HEAD_NORMS = ("layer", "batch")
+
+
 class _TokenLayerNorm(nn.Module):
     """LayerNorm over channels of every token of (B,C,X,Y,Z)."""
 
@@ -132,22 +135,32 @@ class _TokenLayerNorm(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """Per-token MLP on (B,C_in,X,Y,Z) -> (B,C_out,X,Y,Z): 1x1x1 conv, LayerNorm, ReLU, 1x1x1 conv.
+    """Per-token MLP on (B,C_in,X,Y,Z) -> (B,C_out,X,Y,Z): 1x1x1 conv, norm, ReLU, 1x1x1 conv.
 
-    The normalisation is a per-token LayerNorm over channels rather than SimCLR's BatchNorm: with the
-    batch of 2 used for 3D pre-training (SimTROT Sec. 4.1) BatchNorm statistics are noisy and mix
-    tokens of the two volumes whose separation the loss is about, and InstanceNorm needs several
-    tokens per volume (a bottleneck can be 1-2 voxels wide). LayerNorm works for any batch and token
-    count, and acts on each token alone, so the head commutes with rotate/restore.
+    norm="layer" (SimTROT's heads): a per-token LayerNorm over channels rather than SimCLR's BatchNorm.
+    With the batch of 2 used for 3D pre-training (SimTROT Sec. 4.1) the negatives of the loss keep tokens
+    apart, and a per-token norm acts on each token alone.
+
+    norm="batch" (B-TROT's heads): BatchNorm over every token of the batch (B*X*Y*Z samples per channel),
+    BYOL's MLP as published (Grill et al. 2020, Sec. 3.3: linear, batch norm, ReLU, linear; SimTROT
+    Sec. 3.2 "following settings in BYOL"). BYOL's loss has no negatives; centring each channel over the
+    tokens is what stops a projection that maps every token to one vector from being a fixed point
+    (measured: with LayerNorm heads, B-TROT on Swin UNETR went from token cosine 0.99 to 0.99998; see
+    benchmarks/README.md). Batch statistics do not depend on token order, so this head commutes with
+    rotate/restore too.
+
     hidden_channels defaults to max(in_channels, out_channels).
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int | None = None, out_channels: int = 128) -> None:
+    def __init__(self, in_channels: int, hidden_channels: int | None = None, out_channels: int = 128,
+                 norm: str = "layer") -> None:
         super().__init__()
         hidden = hidden_channels or max(in_channels, out_channels)
+        if norm not in HEAD_NORMS:
+            raise ValueError(f"norm must be one of {HEAD_NORMS}, got {norm!r}")
         self.net = nn.Sequential(
             nn.Conv3d(in_channels, hidden, kernel_size=1),
-            _TokenLayerNorm(hidden),
+            _TokenLayerNorm(hidden) if norm == "layer" else nn.BatchNorm3d(hidden),
             nn.ReLU(inplace=True),
             nn.Conv3d(hidden, out_channels, kernel_size=1),
         )

@@ -31,6 +31,7 @@ from s3d import __version__
 from s3d.checkpoint import save_model, write_json
 from s3d.env import rank, world_size
 from s3d.errors import S3DError
+from s3d.nn.contrastive import HEAD_NORMS
 from s3d.train.loop import TrainConfig, check_lr, train
 from s3d.train.run_folder import begin_run, run_lock, settings_from_saved, write_settings
 
@@ -96,10 +97,15 @@ class PretrainConfig:
     ema_decay: float = 0.99  # BYOL target
     flip_views: bool = False  # SimTROT: rotations x mirror flips (48 ops) instead of the 24 rotations
     proj_dim: int = 128
+    # norm inside the projection/prediction MLPs: "layer" (per token) or "batch" (over all tokens of the
+    # batch); "auto": batch for btrot (BYOL's heads), layer otherwise (see s3d.nn.contrastive.ProjectionHead)
+    head_norm: str = "auto"
 
     def __post_init__(self) -> None:
         if self.lr is None:
             self.lr = default_lr(self.arch)
+        if self.head_norm == "auto":
+            self.head_norm = "batch" if self.method == "btrot" else "layer"
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -115,6 +121,8 @@ class PretrainConfig:
             raise bad("--same-position-weight", self.same_position_weight, "must be a positive number (SimTROT w)")
         if not 0 <= self.ema_decay <= 1:
             raise bad("--ema-decay", self.ema_decay, "must be in [0, 1] (BYOL target momentum, e.g. 0.99)")
+        if self.head_norm not in HEAD_NORMS:
+            raise bad("--head-norm", self.head_norm, f"choose one of {', '.join(HEAD_NORMS)}")
         if not 0 <= self.view_mask_ratio < 1:
             raise bad("--view-mask-ratio", self.view_mask_ratio, "must be in [0, 1)")
         if not -n_stages <= self.token_stage < n_stages:
@@ -239,21 +247,22 @@ class SimTROTObjective(_TokenObjective):
         super().__init__(net_cfg, patch_size, cfg, augmenter)
         from s3d.nn.contrastive import ProjectionHead, TokenContrastiveLoss
 
-        self.head = ProjectionHead(self.channels, out_channels=cfg.proj_dim)
+        self.head = ProjectionHead(self.channels, out_channels=cfg.proj_dim, norm=cfg.head_norm)
         self.loss = TokenContrastiveLoss(cfg.temperature, cfg.same_position_weight)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        from s3d.nn.contrastive import collapse_stats, restore_batch
+        from s3d.nn.contrastive import restore_batch
 
         x = batch["image"]
         if x.shape[0] < 2 and self.cfg.same_position_weight != 1:
             raise S3DError("--batch-size must be >= 2 for simtrot: the same-position weight w compares "
                            "tokens of different volumes in a batch")
         v = self.views(x)
-        za = self.head(self.tokens(self.encoder, v["view_a"]))
+        ta = self.tokens(self.encoder, v["view_a"])
+        za = self.head(ta)
         zb = self.head(restore_batch(self.tokens(self.encoder, v["view_b"]), v["ops"]))
         loss = self.loss(za, zb)
-        return loss, {k: float(val) for k, val in collapse_stats(za.detach()).items()}
+        return loss, _collapse_logs(za, ta)
 
 
 class BTROTObjective(_TokenObjective):
@@ -264,30 +273,42 @@ class BTROTObjective(_TokenObjective):
         super().__init__(net_cfg, patch_size, cfg, augmenter)
         from s3d.nn.contrastive import BYOLTokenLoss, PredictionHead, ProjectionHead
 
-        self.head = ProjectionHead(self.channels, out_channels=cfg.proj_dim)
-        self.predictor = PredictionHead(cfg.proj_dim, out_channels=cfg.proj_dim)
+        self.head = ProjectionHead(self.channels, out_channels=cfg.proj_dim, norm=cfg.head_norm)
+        self.predictor = PredictionHead(cfg.proj_dim, out_channels=cfg.proj_dim, norm=cfg.head_norm)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.target_head = copy.deepcopy(self.head).requires_grad_(False)
         self.loss = BYOLTokenLoss()
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        from s3d.nn.contrastive import collapse_stats, restore_batch
+        from s3d.nn.contrastive import restore_batch
 
         v = self.views(batch["image"])
         ops = v["ops"]
-        online_a = self.head(self.tokens(self.encoder, v["view_a"]))
+        tokens_a = self.tokens(self.encoder, v["view_a"])
+        online_a = self.head(tokens_a)
         online_b = self.head(restore_batch(self.tokens(self.encoder, v["view_b"]), ops))
         with torch.no_grad():
             target_a = self.target_head(self.tokens(self.target_encoder, v["view_a"]))
             target_b = self.target_head(restore_batch(self.tokens(self.target_encoder, v["view_b"]), ops))
         loss = 0.5 * (self.loss(self.predictor(online_a), target_b) + self.loss(self.predictor(online_b), target_a))
-        return loss, {k: float(val) for k, val in collapse_stats(online_a.detach()).items()}
+        return loss, _collapse_logs(online_a, tokens_a)
 
     def after_step(self, step: int) -> None:
         from s3d.nn.contrastive import ema_update
 
         ema_update(self.target_encoder, self.encoder, self.cfg.ema_decay)
         ema_update(self.target_head, self.head, self.cfg.ema_decay)
+
+
+def _collapse_logs(projected: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+    """The collapse monitor of the projections (token_std, ...) and of the encoder tokens they come from
+    (enc_token_std, ...): a head with batch statistics centres its output by construction, so only the
+    encoder's tokens say whether the representation that fine-tuning inherits has collapsed."""
+    from s3d.nn.contrastive import collapse_stats
+
+    logs = {k: float(v) for k, v in collapse_stats(projected.detach()).items()}
+    logs |= {f"enc_{k}": float(v) for k, v in collapse_stats(tokens.detach()).items()}
+    return logs
 
 
 def _swin_token_stages() -> int:
@@ -418,6 +439,8 @@ def _pretrain(data: list[str | Path], output: Path, cfg: PretrainConfig, *, resu
 
     saved = begin_run(output, SETTINGS_FILE, resume)
     if saved is not None:
+        # runs saved before head_norm existed trained per-token LayerNorm heads (their state holds those)
+        saved.setdefault("head_norm", "layer")
         cfg = settings_from_saved(PretrainConfig, saved, output / SETTINGS_FILE, device=cfg.device)
         cfg.patch_size, cfg.spacing = tuple(cfg.patch_size), tuple(cfg.spacing)
         cfg.mask_block = tuple(cfg.mask_block) if cfg.mask_block else None

@@ -1141,22 +1141,19 @@ def model_card(config: dict, *, tensors: str, num_params: int, metrics: dict | N
     else:
         out.append(f"{arch_name} segmentation model made with s3d (`s3d predict -m`).")
     if swin:  # tensor names and hyper-parameters of MONAI's SwinUNETR (s3d.nn.swin_unetr)
-        out += ["", "## Architecture", "", "Swin UNETR (Hatamizadeh et al. 2022), tensor names of MONAI's SwinUNETR.",
-                "", f"- input channels: {net.get('in_channels', '?')}",
-                f"- feature size: {net.get('feature_size', '?')}",
-                f"- depths / heads per stage: {_fmt(net.get('depths', '?'))} / {_fmt(net.get('num_heads', '?'))}",
-                f"- window / patch size: {_fmt(net.get('window_size', '?'))} / {_fmt(net.get('patch_size', '?'))}",
-                f"- tensors in this upload: {tensors} ({num_params:,} values)", ""]
+        about = "Swin UNETR (Hatamizadeh et al. 2022), tensor names of MONAI's SwinUNETR."
+        lines = [f"- feature size: {net.get('feature_size', '?')}",
+                 f"- depths / heads per stage: {_fmt(net.get('depths', '?'))} / {_fmt(net.get('num_heads', '?'))}",
+                 f"- window / patch size: {_fmt(net.get('window_size', '?'))} / {_fmt(net.get('patch_size', '?'))}"]
     else:
-        out += ["", "## Architecture", "",
-                "Residual Encoder U-Net (nnU-Net ResEnc, tensor names of dynamic-network-architectures without "
-                "its duplicate `all_modules` / `decoder.encoder` keys).", "",
-                f"- input channels: {net.get('in_channels', '?')}",
-                f"- features per stage: {_fmt(net.get('features', '?'))}",
-                f"- residual blocks per stage: {_fmt(net.get('blocks', '?'))}",
-                f"- strides: {_fmt(net.get('strides', '?'))}",
-                f"- kernel sizes: {_fmt(net.get('kernel_sizes', '?'))}",
-                f"- tensors in this upload: {tensors} ({num_params:,} values)", ""]
+        about = ("Residual Encoder U-Net (nnU-Net ResEnc, tensor names of dynamic-network-architectures without "
+                 "its duplicate `all_modules` / `decoder.encoder` keys).")
+        lines = [f"- features per stage: {_fmt(net.get('features', '?'))}",
+                 f"- residual blocks per stage: {_fmt(net.get('blocks', '?'))}",
+                 f"- strides: {_fmt(net.get('strides', '?'))}",
+                 f"- kernel sizes: {_fmt(net.get('kernel_sizes', '?'))}"]
+    out += ["", "## Architecture", "", about, "", f"- input channels: {net.get('in_channels', '?')}", *lines,
+            f"- tensors in this upload: {tensors} ({num_params:,} values)", ""]
     out += ["## Pre-training" if kind == "pretrain" else "## Training", ""]
     out.append(f"- method: {config.get('method', kind)}")
     data = config.get("data") or {}

@@ -721,3 +721,25 @@ def test_model_card_front_matter_survives_any_licence_and_title(tmp_path, tiny, 
     body = card.split("\n")[card.split("\n").index("---", 1) + 1:]
     assert "# Brain MAE --- license: evil" in body and "---" not in body[:4]
     assert json.loads((out / "config.json").read_text())["export"]["license"] == license_
+
+
+@pytest.mark.parametrize("arch", ["resenc", "swin-unetr"])
+def test_model_card_architecture_section_describes_its_network(arch):
+    if arch == "swin-unetr":
+        net = {"arch": "swin-unetr", "in_channels": 1, "feature_size": 12, "depths": [2, 2, 2, 2],
+               "num_heads": [3, 6, 12, 24], "window_size": [4, 4, 4], "patch_size": [2, 2, 2]}
+        expected = ["- feature size: 12", "- depths / heads per stage: 2 x 2 x 2 x 2 / 3 x 6 x 12 x 24",
+                    "- window / patch size: 4 x 4 x 4 / 2 x 2 x 2"]
+        other = "features per stage"
+    else:
+        net = {"in_channels": 1, "features": [32, 64], "blocks": [1, 3], "strides": [[1, 1, 1], [2, 2, 2]],
+               "kernel_sizes": [[3, 3, 3], [3, 3, 3]]}
+        expected = ["- features per stage: 32 x 64", "- residual blocks per stage: 1 x 3"]
+        other = "window / patch size"
+    card = hub.model_card({"kind": "pretrain", "method": "simtrot", "network": net}, tensors="encoder",
+                          num_params=1234, metrics=None, license="mit", title="t").split("\n")
+    section = card[card.index("## Architecture"):card.index("## Pre-training")]
+    for line in [*expected, "- input channels: 1", "- tensors in this upload: encoder (1,234 values)"]:
+        assert line in section, (line, section)
+    assert not any(other in line for line in section)
+    assert sum(line.startswith("- input channels") for line in card) == 1

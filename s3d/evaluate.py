@@ -277,8 +277,10 @@ def _run(tasks: list[tuple], jobs: int, progress: bool) -> list[dict[str, Any]]:
                 bar.update()
             return out
         # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child would inherit locked.
+        from s3d.messages import active, install_in_worker
+
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(jobs, len(tasks))) as pool:
+        with ctx.Pool(min(jobs, len(tasks)), initializer=install_in_worker, initargs=(active(),)) as pool:
             out = []
             for r in pool.imap(_evaluate_pair, tasks):
                 out.append(r)

@@ -187,3 +187,30 @@ def test_every_bad_prediction_is_named_and_no_partial_summary_is_written(folders
     assert any(str(pred_dir / CASES[2]) in ln and "prediction missing" in ln for ln in said)
     assert "2 of 3 cases could not be scored, all listed above; no summary written" in out.err
     assert not (pred_dir / "summary.json").exists() and not (pred_dir / "summary.csv").exists()
+
+
+def test_parallel_workers_show_header_fixes_as_s3d_warnings(hippocampus_dir, tmp_path):
+    """`s3d evaluate -j 2` reads in spawned processes, which start without the CLI's message handling;
+    nibabel's header fix-ups must still reach the user as one `s3d: warning: FILE: ...` line each, not as
+    nibabel's bare log line."""
+    import subprocess
+    import sys
+
+    refs, preds = tmp_path / "refs", tmp_path / "preds"
+    refs.mkdir()
+    preds.mkdir()
+    for name in CASES:
+        img = nib.load(hippocampus_dir / "labelsTr" / name)
+        seg = np.asarray(img.dataobj).astype(np.uint8)
+        broken = nib.Nifti1Image(seg, img.affine)
+        broken.header["pixdim"][1] = 0  # a defective spacing nibabel repairs and logs
+        nib.save(broken, str(refs / name))
+        _save(seg, img.affine, preds / name)
+    res = subprocess.run([sys.executable, "-m", "s3d", "evaluate", str(refs), str(preds), "-j", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if "pixdim" in ln]
+    assert lines, res.stderr
+    for line in lines:
+        assert line.startswith("s3d: warning: ") and "(nibabel)" in line, line
+    assert {ln.split(": ")[2].split("/")[-1] for ln in lines} == set(CASES)

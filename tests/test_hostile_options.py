@@ -242,9 +242,9 @@ def test_only_library_warnings_are_rerouted_and_only_while_the_cli_runs(capsys, 
 
     import nibabel.nifti1
 
-    from s3d.cli import _library_messages
+    from s3d.messages import library_messages
 
-    with warnings.catch_warnings(record=True) as shown, _library_messages():
+    with warnings.catch_warnings(record=True) as shown, library_messages():
         warnings.simplefilter("always")
         for _ in range(2):
             warnings.warn_explicit("Extension size is not a multiple of 16 bytes", UserWarning,
@@ -257,11 +257,11 @@ def test_only_library_warnings_are_rerouted_and_only_while_the_cli_runs(capsys, 
     # huggingface_hub's retry chatter is quiet unless the user asks for it with its own variable
     monkeypatch.delenv("HF_HUB_VERBOSITY", raising=False)
     hf = logging.getLogger("huggingface_hub.utils._http")
-    with _library_messages():
+    with library_messages():
         assert hf.getEffectiveLevel() == logging.ERROR and os.environ["HF_HUB_VERBOSITY"] == "error"
     assert "HF_HUB_VERBOSITY" not in os.environ
     monkeypatch.setenv("HF_HUB_VERBOSITY", "info")
     before = hf.getEffectiveLevel()
-    with _library_messages():
+    with library_messages():
         assert hf.getEffectiveLevel() == before
     assert not logging.getLogger("nibabel.global").filters and warnings.showwarning.__module__ != "s3d.cli"

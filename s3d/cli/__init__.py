@@ -6,18 +6,14 @@ slow to import) and a broken optional command cannot take the others down.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import logging
-import os
 import sys
-import warnings
-from collections.abc import Iterator
 
 import click
 
 from s3d import __version__
 from s3d.errors import S3DError, one_line
+from s3d.messages import library_messages
 
 # name -> (module, attribute, one-line help shown by `s3d --help` without importing the module)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -66,74 +62,9 @@ def cli() -> None:
     """
 
 
-# Libraries whose warnings and log messages a user of the CLI sees as one `s3d: warning:` line each.
-_LIBRARIES = ("nibabel", "huggingface_hub")
-
-
-class _LibraryMessages:
-    """nibabel's and huggingface_hub's warnings and log records, each distinct one shown once on one line
-    naming the file s3d was reading, instead of a multi-line warning (or a bare log line printed three
-    times, once per header read) that names neither the file nor the program. Installed by `main` only:
-    the library code never filters warnings, so Python users keep theirs as their settings say."""
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-        self.default_showwarning = warnings.showwarning
-
-    def show(self, library: str, message: str) -> None:
-        io = sys.modules.get("s3d.data.io")  # not imported: s3d is reading no image
-        where = io.current_file() if io is not None else None
-        text = one_line(" ".join(message.split()))
-        line = f"s3d: warning: {where + ': ' if where and where not in text else ''}{text} ({library})"
-        if line in self.seen:
-            return
-        self.seen.add(line)
-        from tqdm.auto import tqdm  # above a progress bar, not through it
-
-        tqdm.write(line, file=sys.stderr)
-
-    def showwarning(self, message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-        library = next((lib for lib in _LIBRARIES if f"{os.sep}{lib}{os.sep}" in str(filename)
-                        or (category.__module__ or "").split(".")[0] == lib), None)
-        if library is None:
-            self.default_showwarning(message, category, filename, lineno, file, line)
-        else:
-            self.show(library, str(message))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """A filter on nibabel's logger: show the record our way; False keeps nibabel's own handler quiet."""
-        self.show(record.name.split(".")[0], record.getMessage())
-        return False
-
-
-@contextlib.contextmanager
-def _library_messages() -> Iterator[None]:
-    messages = _LibraryMessages()
-    # nibabel logs header fixes ("sform_code 7 not valid; setting to 0") on this logger, through a handler
-    # it adds when imported; a logger filter applies whenever that happens
-    nib_logger = logging.getLogger("nibabel.global")
-    # huggingface_hub logs each retry of a failed download; s3d turns the failure itself into an error
-    # that says what to do. HF_HUB_VERBOSITY set by the user wins.
-    hf_logger = logging.getLogger("huggingface_hub")
-    hf_level, hf_quiet = hf_logger.level, "HF_HUB_VERBOSITY" not in os.environ
-    if hf_quiet:
-        os.environ["HF_HUB_VERBOSITY"] = "error"  # read when huggingface_hub is imported
-        hf_logger.setLevel(logging.ERROR)  # already imported (a test, an embedding program)
-    nib_logger.addFilter(messages)
-    try:
-        with warnings.catch_warnings():  # restores showwarning and the filters afterwards
-            warnings.showwarning = messages.showwarning
-            yield
-    finally:
-        nib_logger.removeFilter(messages)
-        if hf_quiet:
-            os.environ.pop("HF_HUB_VERBOSITY", None)
-            hf_logger.setLevel(hf_level)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `s3d` script: user errors become one line and exit code 2."""
-    with _library_messages():
+    with library_messages():
         _main(argv)
 
 

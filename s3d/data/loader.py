@@ -6,12 +6,14 @@ decompress and crop, which is why a few of them keep a GPU busy.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 from torch.utils.data import DataLoader
 
 from s3d.env import env_int
+from s3d.messages import active
 
 # Batches each worker prepares ahead (DataLoader's prefetch_factor): enough to hide the jitter of a
 # slow read, few enough that W workers hold 2W batches at most.
@@ -35,9 +37,12 @@ def default_workers() -> int:
     return max(0, min(MAX_DEFAULT_WORKERS, per_process - 1))
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, show_messages: bool = False) -> None:
     # every worker is one of several processes on the cores: more threads would only contend
     torch.set_num_threads(1)
+    from s3d.messages import install_in_worker
+
+    install_in_worker(show_messages)  # a spawned worker (macOS, Windows) starts without the CLI's
     try:
         import blosc2
 
@@ -55,5 +60,6 @@ def make_loader(dataset: torch.utils.data.IterableDataset, workers: int, device:
         raise ValueError(f"workers must be >= 0, got {workers}")
     kwargs: dict = {}
     if workers > 0:
-        kwargs = {"prefetch_factor": PREFETCH, "persistent_workers": True, "worker_init_fn": _worker_init}
+        kwargs = {"prefetch_factor": PREFETCH, "persistent_workers": True,
+                  "worker_init_fn": functools.partial(_worker_init, show_messages=active())}
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda", **kwargs)

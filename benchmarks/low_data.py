@@ -156,7 +156,7 @@ def _finetune_job(run: Path, prepared: Path, val_imgs: Path, val_refs: Path, lab
             arch=spec["arch"], patch_size=tuple(spec["patch"]), batch_size=spec["batch"], steps=spec["steps"],
             val_every=0, fold=0, train_cases=spec["n"], seed=spec["seed"], device=spec["device"],
             weights=spec["weights"], from_scratch=spec["from_scratch"], checkpoint_every=max(1, spec["steps"] // 4),
-            lr=spec["lr"], amp=spec["amp"],
+            lr=spec["lr"], amp=spec["amp"], warmup_steps=spec.get("warmup"),
         )
         finetune(prepared, run, cfg, resume=(run / "finetune.json").exists(), workers=0)
         preds = run / "val_predictions"
@@ -208,6 +208,10 @@ def main() -> None:
                     help="per method; ~1 s/step on one core at 64^3, batch 2 (the paper: 1000 epochs, Sec. 4.2)")
     ap.add_argument("--swin-pretrain-batch", type=int, default=2,
                     help="SimTROT's batch (paper Sec. 4.2); 2 still gives each volume another one to contrast with")
+    ap.add_argument("--swin-warmup", default="none", choices=["none", "s3d"],
+                    help="fine-tuning warm-up of the pre-trained swin arms. none: the whole network at the peak lr "
+                         "from step 0 with PolyLR, as the scratch arm and as SimTROT fine-tunes (Sec. 4.2, "
+                         "nnFormer's recipe, no warm-up); s3d: s3d's default 5%% decoder-only + 5%% warm-up")
     ap.add_argument("--val-cases", type=int, default=None,
                     help="evaluate only the first K fold-0 validation cases (smoke tests; default all 42)")
     ap.add_argument("--report-only", action="store_true", help="tabulate the finished runs in --out, train nothing")
@@ -287,7 +291,8 @@ def main() -> None:
         return common | {"arch": b["arch"], "patch": b["patch"], "batch": args.batch_size,
                          "steps": args.finetune_steps, "lr": args.lr, "n": None if n == "all" else int(n),
                          "seed": seed, "tta": args.tta, "weights": str(weights) if weights else None,
-                         "from_scratch": scratch and base is not None}
+                         "from_scratch": scratch and base is not None,
+                         "warmup": (0, 0) if b["prefix"] == SWIN_PREFIX and args.swin_warmup == "none" else None}
 
     # Every arm trains the network of the pre-training (scratch: that network, randomly initialised), so
     # fine-tuning starts once pre-training is done. Seed-major order: if the study is cut short, whole

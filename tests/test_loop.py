@@ -35,6 +35,21 @@ def test_warmup_phases_ramp_then_decay_and_freeze():
     assert all(lr_factor(s, phases)[1] == () for s in range(10, 100))
 
 
+def test_finetune_schedule_with_and_without_warmup():
+    from s3d.train.finetune import FinetuneConfig, schedule
+
+    # S3D's default: 5% decoder-only, 5% whole-network warm-up, then poly
+    assert [(p.kind, p.steps, p.frozen) for p in schedule(FinetuneConfig(steps=100), True)] == [
+        ("warmup", 5, ("encoder",)), ("warmup", 5, ()), ("poly", 90, ())]
+    # (0, 0): SimTROT's fine-tuning, the whole network at the peak lr from the first step, as from scratch
+    none = schedule(FinetuneConfig(steps=100, warmup_steps=(0, 0)), True)
+    assert [(p.kind, p.steps, p.frozen) for p in none] == [("poly", 100, ())]
+    assert lr_factor(0, none) == (1.0, ())
+    assert [p.steps for p in schedule(FinetuneConfig(steps=100, warmup_steps=(0, 7)), True)] == [7, 93]
+    with pytest.raises(S3DError, match="negative"):
+        schedule(FinetuneConfig(steps=100, warmup_steps=(-1, 5)), True)
+
+
 def test_schedule_must_cover_steps():
     with pytest.raises(S3DError, match="add up"):
         TrainConfig(steps=50, phases=[Phase("poly", 40)]).schedule()

@@ -85,9 +85,10 @@ class FoldsOption(click.Option):
 @click.option("--lr", type=float, default=None,
               help="Peak learning rate. Default: 1e-2 from scratch, 1e-3 with --weights (S3D paper, tuned for "
                    "1000 epochs; with a few thousand steps or fewer, e.g. on a CPU, 1e-2 learns faster).")
-@click.option("--warmup-steps", nargs=2, type=click.IntRange(min=1), default=None,
+@click.option("--warmup-steps", nargs=2, type=click.IntRange(min=0), default=None,
               help="With --weights: steps of decoder-only warm-up and of whole-network warm-up "
-                   "(default: 5% and 5% of --steps).")
+                   "(default: 5% and 5% of --steps, S3D's recipe; 0 0: none, the whole network at the peak "
+                   "learning rate from the first step, as SimTROT fine-tunes).")
 @click.option("--spacing", nargs=3, type=float, default=None,
               help="Target spacing in mm (X Y Z) when preprocessing a raw dataset. Default: the dataset median, "
                    "or the pre-training spacing with --weights (1 1 1 for S3D/OpenMind).")

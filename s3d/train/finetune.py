@@ -174,7 +174,12 @@ def schedule(cfg: FinetuneConfig, pretrained: bool) -> list[Phase]:
     w1, w2 = cfg.warmup_steps or (max(1, cfg.steps // 20), max(1, cfg.steps // 20))
     if w1 + w2 >= cfg.steps:
         raise S3DError(f"warm-up steps {w1}+{w2} leave nothing of --steps {cfg.steps}")
-    return [Phase("warmup", w1, frozen=("encoder",)), Phase("warmup", w2), Phase("poly", cfg.steps - w1 - w2)]
+    if min(w1, w2) < 0:
+        raise S3DError(f"warm-up steps {w1}+{w2}: must not be negative")
+    # (0, 0): no warm-up, the pre-trained network trains whole from the first step (SimTROT's fine-tuning,
+    # nnFormer's recipe, has none)
+    phases = [Phase("warmup", w1, frozen=("encoder",)), Phase("warmup", w2), Phase("poly", cfg.steps - w1 - w2)]
+    return [p for p in phases if p.steps > 0]
 
 
 def finetune(dataset: str | Path, output: str | Path, cfg: FinetuneConfig, *, resume: bool = False,

@@ -40,7 +40,12 @@ _SCRIPT = textwrap.dedent(
         from s3d.train.pretrain import MAEObjective
         cfg = plan_network((32, 32, 32), (1.0, 1.0, 1.0), preset="resenc-s", in_channels=1, num_classes=1)
         cfg.deep_supervision = False
-        objective = MAEObjective(cfg, (32, 32, 32), 0.75, (16, 16, 16))
+        if method == "mae":
+            objective = MAEObjective(cfg, (32, 32, 32), 0.75, (16, 16, 16))
+        else:  # B-TROT: an EMA target and batch-norm heads, whose buffers must agree across ranks too
+            from s3d.train.pretrain import BTROTObjective, PretrainConfig
+            pcfg = PretrainConfig(method="btrot", arch="resenc-s", patch_size=(32, 32, 32), batch_size=2)
+            objective = BTROTObjective(cfg, (32, 32, 32), pcfg)
 
         def batches(start):
             g = torch.Generator().manual_seed(1000 * rank + start)
@@ -55,7 +60,7 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("method", ["toy", "mae"])
+@pytest.mark.parametrize("method", ["toy", "mae", "btrot"])
 def test_two_gloo_ranks_hold_identical_weights(tmp_path, method):
     script = tmp_path / "ddp.py"
     script.write_text(_SCRIPT)

@@ -160,7 +160,9 @@ class ProjectionHead(nn.Module):
             raise ValueError(f"norm must be one of {HEAD_NORMS}, got {norm!r}")
         self.net = nn.Sequential(
             nn.Conv3d(in_channels, hidden, kernel_size=1),
-            _TokenLayerNorm(hidden) if norm == "layer" else nn.BatchNorm3d(hidden),
+            # no running statistics: the heads are training-only, and running means would be rank-local
+            # buffers that differ between DDP ranks
+            _TokenLayerNorm(hidden) if norm == "layer" else nn.BatchNorm3d(hidden, track_running_stats=False),
             nn.ReLU(inplace=True),
             nn.Conv3d(hidden, out_channels, kernel_size=1),
         )

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from s3d.env import env_int
-from s3d.messages import active
+from s3d.messages import active, install_in_worker
 
 # Batches each worker prepares ahead (DataLoader's prefetch_factor): enough to hide the jitter of a
 # slow read, few enough that W workers hold 2W batches at most.
@@ -40,8 +40,6 @@ def default_workers() -> int:
 def _worker_init(_: int, show_messages: bool = False) -> None:
     # every worker is one of several processes on the cores: more threads would only contend
     torch.set_num_threads(1)
-    from s3d.messages import install_in_worker
-
     install_in_worker(show_messages)  # a spawned worker (macOS, Windows) starts without the CLI's
     try:
         import blosc2

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 from pathlib import Path
 
-DATA = Path(os.environ.get("S3D_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# the study's data path and image links (this folder is on sys.path when the script runs)
+from low_data import DATA, _link_images
+
 KEYS = ("loss", "other_position_sim", "token_std", "enc_other_position_sim", "enc_same_position_sim",
         "enc_token_std")
 
@@ -40,12 +41,7 @@ def main() -> None:
         raise SystemExit(f"{args.data}: no imagesTr (set --data or S3D_TEST_DATA)")
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (args.data / "imagesTr").glob("*_0000.nii.gz"))
     train_ids, _ = split_cases(cases, FinetuneConfig(fold=0))
-    images = args.out.with_name(args.out.name + "_images")
-    images.mkdir(parents=True, exist_ok=True)
-    for c in train_ids:
-        link = images / f"{c}_0000.nii.gz"
-        if not link.exists():
-            link.symlink_to((args.data / "imagesTr" / f"{c}_0000.nii.gz").resolve())
+    images = _link_images(train_ids, args.data / "imagesTr", args.out.with_name(args.out.name + "_images"))
     swin = args.arch.startswith("swin")
     cfg = PretrainConfig(method=args.method, arch=args.arch, patch_size=(64,) * 3 if swin else (48,) * 3,
                          batch_size=2 if swin else 4, steps=args.steps, amp="bf16", head_norm=args.head_norm,

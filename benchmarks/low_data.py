@@ -337,7 +337,8 @@ def report(out: Path, args: argparse.Namespace, arms: list[str], n_train: int, n
                                     "seed_ids": seed_ids, "seeds": len(per_seed)}
     write_json(out / "results.json", {"results": results, "args": {k: str(v) if isinstance(v, Path) else v
                                                                      for k, v in vars(args).items()},
-                                      "train_cases": n_train, "val_cases": n_val, "wall_s": wall_s})
+                                      "train_cases": n_train, "val_cases": n_val, "wall_s": wall_s,
+                                      "runs": _run_details(out), "pretraining": _pretrain_details(out)})
     lines = ["| arm | " + " | ".join(f"N={n}" for n in args.ns) + " |",
              "| --- |" + " --- |" * len(args.ns)]
     for arm, row in results.items():
@@ -353,6 +354,42 @@ def report(out: Path, args: argparse.Namespace, arms: list[str], n_train: int, n
     seeds = max((row[str(n)]["seeds"] for row in results.values() for n in args.ns if str(n) in row), default=0)
     _draw_plot(results, args.ns, out / "dice_vs_n.png", n_train,
                f"Hippocampus fold 0, {args.finetune_steps} fine-tuning steps, {seeds} seed(s) per point")
+
+
+def _log_rows(path: Path) -> list[dict[str, float]]:
+    import csv
+
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def _run_details(out: Path) -> dict[str, dict]:
+    """Per finished fine-tuning: Dice per label, the last logged training loss and the job's wall time
+    (of its last session, if it was resumed), so a result file explains itself without the run folder."""
+    details = {}
+    for summary_path in sorted(out.glob("ft_*/val_summary.json")):
+        s = json.loads(summary_path.read_text())
+        rows = _log_rows(summary_path.parent / "log.csv")
+        details[summary_path.parent.name] = {
+            "dice": {label: round(m["Dice"], 4) for label, m in s["mean"].items()},
+            "final_train_loss": rows[-1].get("loss") if rows else None,
+            "wall_s": round(s.get("wall_s", float("nan"))),
+        }
+    return details
+
+
+def _pretrain_details(out: Path) -> dict[str, list[dict[str, float]]]:
+    """The first, middle and last logged rows of each pre-training: loss and the collapse monitor
+    (token std and cosines) show whether the encoder learned or collapsed."""
+    details = {}
+    for log in sorted(out.glob("pretrain_*/log.csv")):
+        rows = _log_rows(log)
+        if rows:
+            picked = {0, len(rows) // 2, len(rows) - 1}
+            details[log.parent.name] = [rows[i] for i in sorted(picked)]
+    return details
 
 
 def _case_dice(out: Path, arm: str, n: str, seed: int) -> dict[str, float] | None:

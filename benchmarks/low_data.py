@@ -335,8 +335,10 @@ def report(out: Path, args: argparse.Namespace, arms: list[str], n_train: int, n
                                     "nsd_mean": float(d[:, 1].mean()), "nsd_std": _seed_std(d[:, 1]),
                                     "dice_per_seed": d[:, 0].tolist(), "nsd_per_seed": d[:, 1].tolist(),
                                     "seed_ids": seed_ids, "seeds": len(per_seed)}
-    write_json(out / "results.json", {"results": results, "args": {k: str(v) if isinstance(v, Path) else v
-                                                                     for k, v in vars(args).items()},
+    paired_lines, paired = _paired_table(out, results, args.ns, args.seeds)
+    # one self-contained file: what benchmarks/results/ keeps of a study
+    write_json(out / "results.json", {"results": results, "paired_vs_scratch": paired,
+                                      "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                       "train_cases": n_train, "val_cases": n_val, "wall_s": wall_s,
                                       "runs": _run_details(out), "pretraining": _pretrain_details(out)})
     lines = ["| arm | " + " | ".join(f"N={n}" for n in args.ns) + " |",
@@ -346,7 +348,6 @@ def report(out: Path, args: argparse.Namespace, arms: list[str], n_train: int, n
                  f"(NSD {row[str(n)]['nsd_mean']:.3f} ± {row[str(n)]['nsd_std']:.3f}, {row[str(n)]['seeds']} seeds)"
                  if str(n) in row else "-" for n in args.ns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    paired_lines, paired = _paired_table(out, results, args.ns, args.seeds)
     lines += paired_lines
     (out / "results.md").write_text("\n".join(lines) + "\n")
     write_json(out / "paired_vs_scratch.json", paired)
@@ -367,7 +368,8 @@ def _log_rows(path: Path) -> list[dict[str, float]]:
 
 def _run_details(out: Path) -> dict[str, dict]:
     """Per finished fine-tuning: Dice per label, the last logged training loss and the job's wall time
-    (of its last session, if it was resumed), so a result file explains itself without the run folder."""
+    (``wall_s_last_session``: a resumed run counts from its resume), so a result file explains itself
+    without the run folder."""
     details = {}
     for summary_path in sorted(out.glob("ft_*/val_summary.json")):
         s = json.loads(summary_path.read_text())
@@ -375,7 +377,7 @@ def _run_details(out: Path) -> dict[str, dict]:
         details[summary_path.parent.name] = {
             "dice": {label: round(m["Dice"], 4) for label, m in s["mean"].items()},
             "final_train_loss": rows[-1].get("loss") if rows else None,
-            "wall_s": round(s.get("wall_s", float("nan"))),
+            "wall_s_last_session": round(s["wall_s"]) if "wall_s" in s else None,
         }
     return details
 

@@ -45,7 +45,10 @@ class _LibraryMessages:
         self.seen.add(line)
         from tqdm.auto import tqdm  # above a progress bar, not through it
 
-        tqdm.write(line, file=sys.stderr)
+        # One write of the whole line: a spawned worker's stderr is unbuffered, and tqdm.write's separate
+        # write of the newline let two workers' lines run into one (`s3d evaluate -j 2`, seen in CI).
+        # A pipe write this short is atomic (POSIX PIPE_BUF, >= 512 bytes; 4096 on Linux).
+        tqdm.write(line + "\n", file=sys.stderr, end="")
 
     def showwarning(self, message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
         library = next((lib for lib in LIBRARIES if f"{os.sep}{lib}{os.sep}" in str(filename)

@@ -265,3 +265,31 @@ def test_only_library_warnings_are_rerouted_and_only_while_the_cli_runs(capsys, 
     with library_messages():
         assert hf.getEffectiveLevel() == before
     assert not logging.getLogger("nibabel.global").filters and warnings.showwarning.__module__ != "s3d.cli"
+
+
+def test_a_library_message_is_one_write_so_parallel_workers_cannot_interleave_it(monkeypatch):
+    """Spawned workers' stderr is unbuffered: every write call goes straight to the shared pipe. A line
+    written in two parts (text, then newline) can have another worker's line land in between."""
+    import sys
+
+    from s3d import messages
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def write(self, s: str) -> int:
+            self.calls.append(s)
+            return len(s)
+
+        def flush(self) -> None:
+            pass
+
+    rec = Recorder()
+    monkeypatch.setattr(sys, "stderr", rec)
+    shown = messages._LibraryMessages()
+    shown.show("nibabel", "pixdim[1,2,3] should be non-zero; setting 0 dims to 1")
+    shown.show("nibabel", "sform_code 7 not valid; setting to 0")
+    written = [c for c in rec.calls if c]
+    assert written == ["s3d: warning: pixdim[1,2,3] should be non-zero; setting 0 dims to 1 (nibabel)\n",
+                       "s3d: warning: sform_code 7 not valid; setting to 0 (nibabel)\n"]

@@ -12,12 +12,11 @@ Run alone, or two probes with OMP_NUM_THREADS=1 each on 2 cores.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
-# the study's data path and image links (this folder is on sys.path when the script runs)
-from low_data import DATA, _link_images
+# the study's data path, image links and log reader (this folder is on sys.path when the script runs)
+from low_data import DATA, _link_images, _log_rows
 
 KEYS = ("loss", "other_position_sim", "token_std", "enc_other_position_sim", "enc_same_position_sim",
         "enc_token_std")
@@ -48,10 +47,10 @@ def main() -> None:
                          checkpoint_every=args.steps, preview_every=10**6)
     # min_fov_fraction=0: the hippocampus crops (35x50x35) are smaller than the patch and are the data here
     pretrain([images], args.out, cfg, workers=0, curation=CurationConfig(min_fov_fraction=0))
-    rows = list(csv.DictReader((args.out / "log.csv").open()))
+    rows = _log_rows(args.out / "log.csv")
     first, last = rows[0], rows[-1]
     summary = {"arch": args.arch, "head_norm": args.head_norm, "method": args.method, "steps": args.steps,
-               **{k: [float(first[k]), float(last[k])] for k in KEYS}}
+               **{k: [first[k], last[k]] for k in KEYS}}
     (args.out / "collapse_probe.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import nibabel as nib
 import numpy as np
 import pytest
@@ -180,3 +181,19 @@ def test_folds_takes_all_a_list_or_commas(tmp_path):
     assert parse_folds("all") == [0, 1, 2, 3, 4] and parse_folds("3,1") == [1, 3]
     with pytest.raises(S3DError, match="--folds"):
         parse_folds("5")
+    ctx = finetune.make_context("finetune", ["--folds=1", "3", str(tmp_path), "RUN"])
+    assert ctx.params["folds"] == "1 3" and ctx.params["dataset"] == tmp_path
+
+
+def test_predict_takes_the_same_fold_lists_and_a_double_dash_ends_them(tmp_path):
+    from s3d.cli.options import join_fold_numbers
+    from s3d.cli.predict import predict
+
+    ctx = predict.make_context("predict", ["-i", str(tmp_path), "-o", "OUT", "-m", "RUN", "--folds", "0,2", "4",
+                                           "--no-tta"])
+    assert ctx.params["folds"] == "0,2 4" and ctx.params["no_tta"] and ctx.params["models"] == ("RUN",)
+    # after `--` a number is an argument, never a fold; a lone trailing --folds is left for click to refuse
+    assert join_fold_numbers(["--folds", "1", "--", "2"]) == ["--folds=1", "--", "2"]
+    assert join_fold_numbers(["DS", "--folds"]) == ["DS", "--folds"]
+    with pytest.raises(click.UsageError, match="--folds"):
+        predict.make_context("predict", ["-i", str(tmp_path), "-o", "OUT", "-m", "RUN", "--folds"])

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import click
 
 from s3d.cli.options import (
+    FoldsCommand,
     amp_option,
     cache_dir_option,
     device_option,
@@ -21,29 +21,7 @@ from s3d.cli.options import (
 )
 
 
-class FoldsOption(click.Option):
-    """--folds takes one value or several: `--folds all`, `--folds 0 2 4`, `--folds 0,2,4`. click has
-    no options of variable arity, so the fold numbers that follow the first are taken here; a token
-    that is not a number (the next option, DATASET, OUTPUT) ends the list."""
-
-    def add_to_parser(self, parser, ctx: click.Context) -> None:  # noqa: ANN001 - click's private parser
-        super().add_to_parser(parser, ctx)
-        for name in self.opts:
-            opt = getattr(parser, "_long_opt", {}).get(name)
-            if opt is None:
-                continue
-            original = opt.process
-
-            def process(value: str, state, original=original) -> None:  # noqa: ANN001
-                values = [value]
-                while state.rargs and re.fullmatch(r"\d+(,\d+)*", state.rargs[0]):
-                    values.append(state.rargs.pop(0))
-                original(" ".join(values), state)
-
-            opt.process = process
-
-
-@click.command()
+@click.command(cls=FoldsCommand)
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("output", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--arch", default="resenc-s", show_default=True,
@@ -60,7 +38,7 @@ class FoldsOption(click.Option):
               help="Validate (sliding-window Dice on the validation cases) every N steps; 0: only at the end.")
 @click.option("--fold", type=click.IntRange(min=0), default=0, show_default=True,
               help="Validation fold of a fixed 5-fold split of the labeled cases (one run in OUTPUT).")
-@click.option("--folds", cls=FoldsOption, default=None, metavar="all|K [K ...]",
+@click.option("--folds", default=None, metavar="all|K [K ...]",
               help="Cross-validation: train these folds of the fixed 5-fold split one after another into "
                    "OUTPUT/fold_K (`all`: 0-4). After each fold its validation cases are predicted on their "
                    "original grid into OUTPUT/fold_K/validation/ and scored; then OUTPUT/crossval/summary.json "

@@ -2,9 +2,45 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
+
+_FOLD_NUMBERS = re.compile(r"\d+(,\d+)*")
+
+
+def join_fold_numbers(args: list[str]) -> list[str]:
+    """`--folds 0 2 4` as `--folds=0 2 4`: the fold numbers that follow --folds joined into its one value.
+    A token that is not a number (the next option, DATASET, OUTPUT) ends the list; `--` ends the options."""
+    joined: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        i += 1
+        if token == "--":
+            return [*joined, token, *args[i:]]
+        if token == "--folds" and i < len(args):
+            token = f"--folds={args[i]}"
+            i += 1
+        if token.startswith("--folds="):
+            values = [token]
+            while i < len(args) and _FOLD_NUMBERS.fullmatch(args[i]):
+                values.append(args[i])
+                i += 1
+            token = " ".join(values)
+        joined.append(token)
+    return joined
+
+
+class FoldsCommand(click.Command):
+    """A command whose --folds takes one value or several: `--folds all`, `--folds 0 2 4`, `--folds 0,2,4`.
+    click's options have a fixed number of values (nargs=-1 is for arguments only), so the fold numbers
+    are joined before click parses, through its public parse_args rather than its private parser."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, join_fold_numbers(args))
+
 
 device_option = click.option(
     "--device",

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import click
 
-from s3d.cli.finetune import FoldsOption
-from s3d.cli.options import amp_option, device_option
+from s3d.cli.options import FoldsCommand, amp_option, device_option
 
 
-@click.command()
+@click.command(cls=FoldsCommand)
 @click.option("-i", "--input", "input_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of images: plain files (one channel each) or nnU-Net CASE_0000 channel files. "
@@ -23,7 +22,7 @@ from s3d.cli.options import amp_option, device_option
                    "registry name or Hub repo owner/name[@rev] (downloaded to the Hugging Face cache). Repeat "
                    "(-m A -m B) to ensemble several runs with the same labels and input channels: their softmax "
                    "probabilities are averaged.")
-@click.option("--folds", cls=FoldsOption, default=None, metavar="K [K ...]",
+@click.option("--folds", default=None, metavar="K [K ...]",
               help="Which folds of a cross-validation run to ensemble (e.g. `--folds 0 2 4` or `0,2,4`); each "
                    "must be finished. Default: every finished fold.")
 @click.option("--no-postprocessing", is_flag=True,
